@@ -1,0 +1,132 @@
+"""Tiny random Stable Diffusion models in the real on-disk forms, for tests. Nothing is downloaded.
+
+A tiny U-Net keeps SD's structure (4 stages, 2 R-A pairs per stage, mid block) at 32/64 channels, so
+every BK layout derives from it exactly as from the full-size teacher. The CLIP tokenizer is the real
+one, built from the BPE vocabulary that the open-clip-torch wheel ships.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from bksdm_ext import layouts
+
+TINY_CHANNELS = [32, 64, 64, 64]
+CROSS_DIM = 32
+LATENT = 8  # latent side; images are 8x larger
+
+
+def tiny_teacher_config(version: str = "v1") -> dict:
+    config = layouts.teacher_unet_config(version)
+    config.update(block_out_channels=list(TINY_CHANNELS), cross_attention_dim=CROSS_DIM, sample_size=LATENT)
+    # v1: the number of heads; v2: heads per stage with one head width (32), as SD2's 64
+    config["attention_head_dim"] = 2 if version == "v1" else [c // 32 for c in TINY_CHANNELS]
+    return config
+
+
+def tiny_unet_config(layout: str = "teacher", version: str = "v1") -> dict:
+    return layouts.student_unet_config(tiny_teacher_config(version), layout)
+
+
+def tiny_unet(layout: str = "teacher", version: str = "v1", seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(layout, version))
+    _randomize(unet)
+    return unet.eval()
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    # diffusers zero-initialises some output convs; random values make every weight matter in tests
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 32, 64, 64],
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=LATENT * 8,
+    )
+    _randomize(vae)
+    return vae.eval()
+
+
+def tiny_text_encoder(version: str = "v1", seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=CROSS_DIM,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3 if version == "v1" else 2,  # SD2 folders ship all but the last block
+        max_position_embeddings=77,
+        hidden_act="quick_gelu" if version == "v1" else "gelu",
+        projection_dim=CROSS_DIM,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def write_clip_tokenizer(directory: str | os.PathLike) -> Path:
+    """The real CLIP BPE tokenizer (openai/clip-vit-large-patch14's) written as a HF tokenizer folder."""
+    import open_clip.tokenizer as oct
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    merges = gzip.open(oct.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    vocab = list(oct.bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = lambda text: {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": True,  # noqa: E731
+                            "rstrip": False, "single_word": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace",
+        "bos_token": special("<|startoftext|>"), "eos_token": special("<|endoftext|>"),
+        "unk_token": special("<|endoftext|>"), "pad_token": "<|endoftext|>",
+    }))
+    (directory / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }))
+    return directory
+
+
+def write_tiny_pipeline(directory: str | os.PathLike, layout: str = "teacher", version: str = "v1",
+                        seed: int = 0, unet=None) -> Path:
+    """A diffusers StableDiffusionPipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    from diffusers import PNDMScheduler
+
+    directory = Path(directory)
+    (unet or tiny_unet(layout, version, seed)).save_pretrained(directory / "unet")
+    tiny_vae(seed).save_pretrained(directory / "vae")
+    tiny_text_encoder(version, seed).save_pretrained(directory / "text_encoder")
+    write_clip_tokenizer(directory / "tokenizer")
+    prediction = layouts.get_version(version).prediction_type
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                  prediction_type=prediction, steps_offset=1).save_pretrained(directory / "scheduler")
+    (directory / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.31.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    }))
+    return directory
