@@ -1,0 +1,1 @@
+"""Training jobs: BK-SDM distillation and DreamBooth, on one shared training core (`core.py`)."""

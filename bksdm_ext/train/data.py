@@ -1,0 +1,197 @@
+"""Training data: an image folder with metadata.jsonl / metadata.csv (the LAION-Aesthetics layout).
+
+Preprocessing follows the paper: resize the shorter side, crop (center or random), random flip,
+scale to [-1, 1]. Unusable items (missing file or caption, broken, grayscale, tiny) are skipped and
+counted, never fatal; a dataset without one usable item is refused before any model loads.
+Augmentation randomness comes from (seed, epoch, index) alone, so a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BKSDMError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Metadata:
+    items: list[tuple[Path, str]]  # (image path, caption)
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+
+def read_metadata(folder: str, image_column: str = "file_name", caption_column: str = "text") -> Metadata:
+    """The (image, caption) pairs of an image folder; raises BKSDMError if there are none."""
+    root = Path(folder) if folder else None
+    if root is None or not root.is_dir():
+        raise BKSDMError(f"Data folder {folder!r} does not exist: give a folder with images and metadata.jsonl.")
+    rows = _metadata_rows(root)
+    meta = Metadata(items=[])
+    for row in rows:
+        name, caption = row.get(image_column), row.get(caption_column)
+        if not name:
+            meta.skipped["no file name"] += 1
+        elif not isinstance(caption, str) or not caption.strip():
+            meta.skipped["missing caption"] += 1
+        elif not (root / name).is_file():
+            meta.skipped["missing file"] += 1
+        else:
+            meta.items.append((root / name, caption.strip()))
+    if not meta.items:
+        reasons = ", ".join(f"{n} {r}" for r, n in meta.skipped.items()) or "no rows"
+        raise BKSDMError(f"The dataset in {root} has no usable pair ({reasons}): each row needs "
+                         f"'{image_column}' naming an existing image and a non-empty '{caption_column}'.")
+    return meta
+
+
+def _metadata_rows(root: Path) -> list[dict]:
+    jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
+    try:
+        if jsonl.is_file():
+            rows = []
+            for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        raise BKSDMError(f"{jsonl} line {number} is not JSON: fix or delete that line.") from None
+            return [r for r in rows if isinstance(r, dict)]
+        if table.is_file():
+            with open(table, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError) as error:
+        raise BKSDMError(f"Cannot read the metadata in {root}: {error}") from None
+    raise BKSDMError(f"{root} has no metadata.jsonl or metadata.csv (one row per image: file_name, text).")
+
+
+def list_images(folder: str, name: str, allow_empty: bool = False) -> list[Path]:
+    """The images of a plain folder (DreamBooth); refuses other files, and an empty folder unless allowed."""
+    root = Path(folder) if folder else None
+    if root is None or not root.is_dir():
+        raise BKSDMError(f"{name} {folder!r} is not a folder: give a folder of images.")
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        raise BKSDMError(f"{name} {root} holds files that are not images: {', '.join(others[:5])}. "
+                         f"Keep only {', '.join(IMAGE_SUFFIXES)} files there.")
+    broken = [p.name for p in files if load_rgb(p, 1) is None]
+    if broken:
+        raise BKSDMError(f"{name}: cannot read these images: {', '.join(broken[:5])}. Replace or remove them.")
+    if not files and not allow_empty:
+        raise BKSDMError(f"{name} {root} holds no images.")
+    return files
+
+
+def load_rgb(path: Path, min_side: int):
+    """A PIL RGB image, or None for a broken, grayscale or too small one (the reason is `reject_reason`)."""
+    return None if reject_reason(path, min_side) else _open(path)
+
+
+def reject_reason(path: Path, min_side: int) -> str | None:
+    try:
+        image = _open(path)
+    except Exception:  # PIL raises many types for a broken file
+        return "broken image"
+    if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return "grayscale"
+    if min(image.size) < min_side:
+        return "too small"
+    return None
+
+
+def _open(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB") if image.mode != "RGB" else image.copy()
+
+
+def augment(image, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
+    """Resize the shorter side to `resolution`, crop a square, maybe flip; a (3, H, W) tensor in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class CaptionedImages:
+    """Map-style dataset of (image tensor, caption); an unusable image gives None (the loader skips it)."""
+
+    def __init__(self, items, resolution: int, center_crop: bool, random_flip: bool, seed: int):
+        self.items, self.resolution = items, resolution
+        self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
+        self.min_side = max(1, resolution // 2)  # more than 2x upscaling is too blurry to learn from
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        path, caption = self.items[index]
+        reason = reject_reason(path, self.min_side)
+        if reason:
+            return {"skipped": reason, "index": index}
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")
+        pixels = augment(_open(path), self.resolution, self.center_crop, self.random_flip, rng)
+        return {"pixels": pixels, "caption": caption, "index": index}
+
+
+class ResumableSampler:
+    """Endless stream of (epoch, index) for one rank: a seeded shuffle per epoch, starting at `start`.
+
+    Every rank walks the same permutation and takes every `world`-th item, so the data position of a
+    run is one number (items consumed per rank) and resuming needs nothing else.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0, shuffle: bool = True):
+        self.size, self.seed, self.rank, self.world, self.start, self.shuffle = size, seed, rank, world, start, shuffle
+
+    def __iter__(self):
+        import torch
+
+        per_epoch = max(1, self.size // self.world)  # equal share per rank; the remainder waits for the next epoch
+        epoch, offset = divmod(self.start, per_epoch)
+        while True:
+            if self.shuffle:
+                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            else:
+                order = list(range(self.size))
+            mine = (order * self.world)[self.rank :: self.world][:per_epoch]  # repeats only when size < world
+            for index in mine[offset:]:
+                yield epoch, index
+            epoch, offset = epoch + 1, 0
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack the usable samples; count the skipped ones by reason."""
+    import torch
+
+    good = [s for s in samples if "pixels" in s]
+    skipped = Counter(s["skipped"] for s in samples if "skipped" in s)
+    batch = {"skipped": dict(skipped), "count": len(good)}
+    if good:
+        batch["pixels"] = torch.stack([s["pixels"] for s in good])
+        batch["captions"] = [s["caption"] for s in good]
+        batch["indices"] = torch.tensor([s["index"] for s in good])
+    return batch
