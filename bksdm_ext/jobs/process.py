@@ -1,0 +1,90 @@
+"""Starting, recognising and stopping a job's process tree, on POSIX and on Windows.
+
+A job runs in its own process group (POSIX: a new session; Windows: CREATE_NEW_PROCESS_GROUP) so
+that it survives the WebUI's death and so that the whole tree (accelerate's ranks, data workers)
+can be signalled or killed at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+WINDOWS = sys.platform == "win32"
+# A pid is only "ours" if its start time matches what we recorded: pids are reused.
+START_TIME_TOLERANCE_S = 1.0
+
+
+def spawn(command: list[str], log_path: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start `command` detached from our process group, stdout and stderr appended to `log_path`."""
+    if WINDOWS:
+        flags = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    else:
+        flags = {"start_new_session": True}
+    # The log is a file, not a pipe: the job keeps writing after we die and never blocks on us.
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=cwd, env=env, **flags)
+
+
+def start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def is_running(pid: int | None, started: float | None) -> bool:
+    """True if `pid` is alive and is the same process that started at `started` (epoch seconds)."""
+    if not pid or started is None:
+        return False
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(process.create_time() - started) < START_TIME_TOLERANCE_S
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def terminate(pid: int) -> None:
+    """Ask the job's whole group to stop (SIGTERM / CTRL_BREAK): it may still save and exit.
+
+    Callers pass only a pid they started or have matched with `is_running`.
+    """
+    try:
+        if WINDOWS:
+            os.kill(pid, signal.CTRL_BREAK_EVENT)
+        else:
+            os.killpg(pid, signal.SIGTERM)  # the job leads its own group (spawn)
+    except OSError:
+        pass
+
+
+def kill_tree(pid: int) -> None:
+    """Kill the job and everything it started (a leader already gone leaves its group behind)."""
+    if WINDOWS:
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False)
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def kill_leftovers(pid: int) -> None:
+    """After our job's leader exited and was reaped: kill what is left of its process group.
+
+    Windows has no group that outlives its leader, and the pid may already be reused there, so
+    nothing is done (taskkill /T needs the live parent to find the tree).
+    """
+    if not WINDOWS:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass

@@ -1,0 +1,422 @@
+"""The job runner: a queue of jobs, each a subprocess in its own process group and folder.
+
+The contract with a job process (bksdm_ext.train and the test job kind follow it):
+- it is started as `python -m bksdm_ext.train KIND --job-dir DIR [--resume latest]` (through
+  `accelerate launch` when more than one process or machine is configured);
+- DIR holds `config.toml` (what the user asked; the job reads it), `log.txt` (stdout and stderr,
+  appended), `progress.json` (written atomically by the job: state, step, total_steps, losses,
+  samples_per_s, eta_s, last_checkpoint, last_sample, message, updated, pid), `checkpoints/`,
+  `samples/`, `losses.csv` and `output/`;
+- cancelling creates `DIR/cancel`: the job saves a checkpoint at its next step, writes state
+  "cancelled" and exits 0. A job that does not is sent SIGTERM (CTRL_BREAK on Windows) after a
+  grace period, and its whole process tree is killed after a timeout.
+
+The runner's state lives in the job store, so a restarted WebUI re-attaches to a job that is
+still running (same pid and start time) and marks one that vanished "interrupted" (resumable
+when it left a checkpoint) or "failed".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import BKSDMError
+from . import process, toml
+from .kinds import BUILTIN_KINDS, JobKind
+from .store import ACTIVE_STATES, Job, JobStore
+
+log = logging.getLogger(__name__)
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding bksdm_ext
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class LaunchSettings:
+    """How many processes a GPU job uses; more than one means `accelerate launch`."""
+
+    num_processes: int = 1
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str = ""
+    main_process_port: int = 29500
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_processes > 1 or self.num_machines > 1
+
+
+@dataclass
+class RunnerSettings:
+    max_gpu_jobs: int = 1  # queue policy: GPU jobs running at once
+    vram_handoff: bool = False  # call before_gpu_job / after_queue_empty (the WebUI's model unload/reload)
+    poll_s: float = 1.0
+    cancel_grace_s: float = 60.0  # after `cancel` is created, before SIGTERM
+    kill_timeout_s: float = 30.0  # after SIGTERM, before the process tree is killed
+    dedupe_window_s: float = 30.0  # the same form launched again within this is the same job
+    launch: LaunchSettings = field(default_factory=LaunchSettings)
+
+
+def job_command(kind: JobKind, job_dir: Path, resume: bool, launch: LaunchSettings) -> list[str]:
+    job = ["-m", kind.module, kind.name, "--job-dir", str(job_dir)] + (["--resume", "latest"] if resume else [])
+    if not (kind.gpu and launch.distributed):
+        return [sys.executable, *job]
+    accelerate = ["-m", "accelerate.commands.launch", "--multi_gpu",
+                  "--num_processes", str(launch.num_processes), "--num_machines", str(launch.num_machines)]
+    if launch.num_machines > 1:
+        accelerate += ["--machine_rank", str(launch.machine_rank), "--main_process_ip", launch.main_process_ip,
+                       "--main_process_port", str(launch.main_process_port)]
+    return [sys.executable, *accelerate, *launch.extra_args, *job]
+
+
+def read_progress(folder: str | Path) -> dict[str, Any]:
+    """The job's progress.json, or {} while there is none (or it cannot be read yet)."""
+    try:
+        data = json.loads((Path(folder) / "progress.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def has_checkpoint(folder: str | Path) -> bool:
+    checkpoints = Path(folder) / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "The job's process is gone (it ended while no runner was watching it)"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"The job's process was killed ({name})"
+    return f"The job's process exited with code {returncode} before finishing"
+
+
+class Runner:
+    """Runs jobs from a data folder: `data_dir/jobs.sqlite3` and one folder per job in `data_dir/jobs/`."""
+
+    def __init__(self, data_dir: str | os.PathLike, settings: RunnerSettings | None = None,
+                 kinds: dict[str, JobKind] | None = None,
+                 before_gpu_job: Callable[[], None] | None = None,
+                 after_queue_empty: Callable[[], None] | None = None,
+                 env: dict[str, str] | None = None):
+        self.data_dir = Path(data_dir)
+        self.jobs_dir = self.data_dir / "jobs"
+        try:
+            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise BKSDMError(f"Cannot create the BK-SDM data folder {self.data_dir} ({error.strerror}); "
+                             "choose another one in the settings.") from None
+        self.store = JobStore(self.data_dir / "jobs.sqlite3")
+        self.settings = settings or RunnerSettings()
+        self.kinds = dict(BUILTIN_KINDS if kinds is None else kinds)
+        self.before_gpu_job = before_gpu_job
+        self.after_queue_empty = after_queue_empty
+        self.env = dict(env or {})
+        self.handoff_active = False  # the WebUI's model is unloaded for our jobs
+        self._procs: dict[str, Any] = {}  # jobs this runner started: id -> Popen
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle of the runner itself ---
+
+    def start(self) -> "Runner":
+        """Re-attach to what ran before, then poll in a background thread."""
+        self.poll()
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="bksdm-jobs", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching. Running jobs go on; the next runner re-attaches to them."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self.store.close()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.poll_s):
+            try:
+                self.poll()
+            except Exception:  # the thread must outlive any one bad tick; the error goes to the log
+                log.exception("BK-SDM job runner: poll failed")
+
+    # --- user actions ---
+
+    def kind(self, name: str) -> JobKind:
+        try:
+            return self.kinds[name]
+        except KeyError:
+            raise BKSDMError(f"Unknown job kind {name!r}; choose one of {', '.join(self.kinds)}.") from None
+
+    def submit(self, kind: str, values: dict[str, Any], request_id: str | None = None) -> Job:
+        """Validate `values` into the kind's typed config and queue a job; a repeated request returns
+        the job it already created."""
+        job_kind = self.kind(kind)
+        config = job_kind.build_config(values).to_dict()
+        job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        folder = self.jobs_dir / job_id
+        with self._lock:
+            job, created = self.store.create(job_id, kind, str(folder), config, request_id,
+                                             self.settings.dedupe_window_s)
+            if not created:
+                return job
+            try:
+                for sub in ("checkpoints", "samples", "output"):
+                    (folder / sub).mkdir(parents=True, exist_ok=True)
+                toml.write(folder / "config.toml", config)
+            except OSError as error:
+                self.store.delete(job_id)
+                shutil.rmtree(folder, ignore_errors=True)
+                raise BKSDMError(f"Cannot write the job folder {folder} ({error.strerror}); check the free "
+                                 "space and permissions of the data folder.") from None
+        self.poll()
+        return self.store.get(job_id)
+
+    def relaunch(self, job_id: str, request_id: str | None = None) -> Job:
+        """A new job from an earlier job's config.toml (which the user may have edited)."""
+        job = self.store.get(job_id)
+        return self.submit(job.kind, toml.read(Path(job.folder) / "config.toml"), request_id)
+
+    def cancel(self, job_id: str) -> Job:
+        with self._lock:
+            job = self.store.get(job_id)
+            if job.state == "queued":
+                self.store.update(job_id, expect=("queued",), state="cancelled", finished=time.time(),
+                                  resumable=int(has_checkpoint(job.folder)), message="Cancelled before it started.")
+            elif job.state == "running":
+                try:
+                    (Path(job.folder) / "cancel").touch()
+                except OSError as error:
+                    log.warning("BK-SDM: could not create %s/cancel (%s); the job will be signalled",
+                                job.folder, error)
+                self.store.update(job_id, expect=("running",), state="cancelling", cancel_requested=time.time(),
+                                  message="Cancelling: the job saves a checkpoint at its next step.")
+            elif job.state != "cancelling":
+                raise BKSDMError(f"Job {job_id} is {job.state}; only queued or running jobs can be cancelled.")
+        return self.store.get(job_id)
+
+    def resume(self, job_id: str) -> Job:
+        """Queue a stopped job again; it continues from its last checkpoint (or starts over without one)."""
+        with self._lock:
+            job = self.store.get(job_id)
+            if job.state in ("queued", "running", "cancelling"):
+                return job  # a repeated click: never a second run
+            if job.state == "done":
+                raise BKSDMError(f"Job {job_id} has finished; use Re-launch to run its config again.")
+            checkpoint = has_checkpoint(job.folder)
+            self.store.update(job_id, expect=(job.state,), state="queued", resume=int(checkpoint), finished=None,
+                              cancel_requested=None, terminate_sent=None,
+                              message="Queued to resume from the last checkpoint." if checkpoint
+                              else "Queued to start over: it left no checkpoint.")
+        self.poll()
+        return self.store.get(job_id)
+
+    def delete(self, job_id: str) -> None:
+        with self._lock:
+            job = self.store.get(job_id)
+            if job.state in ACTIVE_STATES:
+                raise BKSDMError(f"Job {job_id} is {job.state}; cancel it and wait until it stops before deleting it.")
+            try:
+                shutil.rmtree(job.folder)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise BKSDMError(f"Cannot delete {job.folder} ({error.strerror}); close any program using its "
+                                 "files and try again.") from None
+            self.store.delete(job_id)
+
+    # --- what the UI and API show ---
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    def list(self) -> list[Job]:
+        return self.store.list()
+
+    def progress(self, job_id: str) -> dict[str, Any]:
+        return read_progress(self.store.get(job_id).folder)
+
+    def log_tail(self, job_id: str, max_bytes: int = 32768) -> str:
+        path = Path(self.store.get(job_id).folder) / "log.txt"
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - max_bytes))
+                return f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def losses(self, job_id: str) -> list[tuple[int, str, float]]:
+        """(step, term, value) rows from losses.csv; the terms are the columns the progress file names
+        as losses, or every numeric column when it names none."""
+        folder = Path(self.store.get(job_id).folder)
+        terms = set(read_progress(folder).get("losses") or {})
+        rows: list[tuple[int, str, float]] = []
+        try:
+            with open(folder / "losses.csv", newline="", encoding="utf-8") as f:
+                for record in csv.DictReader(f):
+                    try:
+                        step = int(float(record.get("step", "")))
+                    except ValueError:
+                        continue
+                    for name, text in record.items():
+                        if name == "step" or (terms and name not in terms):
+                            continue
+                        try:
+                            rows.append((step, name, float(text)))
+                        except (TypeError, ValueError):
+                            pass
+        except OSError:
+            pass
+        return rows
+
+    def samples(self, job_id: str) -> list[Path]:
+        """Validation images, oldest first."""
+        folder = Path(self.store.get(job_id).folder) / "samples"
+        try:
+            images = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        except OSError:
+            return []
+        return sorted(images, key=lambda p: (p.stat().st_mtime, str(p)))
+
+    # --- the queue ---
+
+    def poll(self) -> None:
+        """One tick: notice jobs that ended, escalate cancels, start queued jobs, hand VRAM back."""
+        with self._lock:
+            now = time.time()
+            for job in self.store.list(ACTIVE_STATES):
+                proc = self._procs.get(job.id)
+                if proc is not None:
+                    returncode = proc.poll()
+                    alive = returncode is None
+                else:  # started by an earlier runner: recognise it by pid and start time
+                    returncode, alive = None, process.is_running(job.pid, job.pid_started)
+                if alive:
+                    self._escalate_cancel(job, now)
+                else:
+                    self._finish(job, returncode, ours=proc is not None)
+            self._start_queued()
+            if self.handoff_active and not self._gpu_work_left():
+                self.handoff_active = False
+                self._call_hook(self.after_queue_empty, "after_queue_empty")
+
+    def _escalate_cancel(self, job: Job, now: float) -> None:
+        if job.state != "cancelling" or job.cancel_requested is None or not job.pid:
+            return
+        if job.terminate_sent is None and now - job.cancel_requested >= self.settings.cancel_grace_s:
+            process.terminate(job.pid)
+            self.store.update(job.id, terminate_sent=now)
+        elif job.terminate_sent is not None and now - job.terminate_sent >= self.settings.kill_timeout_s:
+            process.kill_tree(job.pid)
+
+    def _finish(self, job: Job, returncode: int | None, ours: bool) -> None:
+        progress = read_progress(job.folder)
+        # A progress file from an earlier attempt says nothing about this one.
+        reported = progress.get("state") if progress.get("updated", 0) >= (job.started or 0) - 1 else None
+        checkpoint = has_checkpoint(job.folder)
+        message = str(progress.get("message") or "") if reported else ""
+        if reported == "done":
+            state, message = "done", message or "Finished."
+        elif reported == "cancelled" or job.cancel_requested is not None:
+            state = "cancelled"
+            message = "Cancelled; resume continues from the last checkpoint." if checkpoint else \
+                "Cancelled before its first checkpoint; resume starts over."
+        elif reported == "failed":
+            state, message = "failed", message or f"{_describe_exit(returncode)}; see log.txt."
+        else:
+            state = "interrupted" if checkpoint else "failed"
+            message = f"{_describe_exit(returncode)}; " + (
+                "resume continues from the last checkpoint." if checkpoint else "see log.txt.")
+        if ours:
+            self._procs.pop(job.id, None)
+            process.kill_leftovers(job.pid)  # its group's stragglers (data workers, ranks), if any
+        self.store.update(job.id, expect=ACTIVE_STATES, state=state, finished=time.time(), message=message,
+                          resumable=int(checkpoint and state != "done"))
+        self._remove_cancel_file(job)
+
+    def _gpu_work_left(self) -> bool:
+        return any(self.kind(job.kind).gpu for job in self.store.list(("queued", *ACTIVE_STATES))
+                   if job.kind in self.kinds)
+
+    def _start_queued(self) -> None:
+        active = [job for job in self.store.list(ACTIVE_STATES) if job.kind in self.kinds]
+        gpu_running = sum(self.kind(job.kind).gpu for job in active)
+        for job in reversed(self.store.list(("queued",))):  # oldest first
+            kind = self.kinds.get(job.kind)
+            if kind is None:
+                continue  # a kind this installation lacks; another runner may have it
+            if kind.gpu:
+                if gpu_running >= self.settings.max_gpu_jobs:
+                    continue
+                if self.settings.vram_handoff and not self.handoff_active:
+                    if not self._call_hook(self.before_gpu_job, "before_gpu_job", job):
+                        continue
+                    self.handoff_active = True
+                gpu_running += 1
+            self._launch(job, kind)
+
+    def _call_hook(self, hook: Callable[[], None] | None, name: str, job: Job | None = None) -> bool:
+        if hook is None:
+            return True
+        try:
+            hook()
+            return True
+        except Exception as error:  # the WebUI's unload/reload: report, never take the runner down
+            log.exception("BK-SDM job runner: %s failed", name)
+            if job is not None:
+                self.store.update(job.id, expect=("queued",), state="failed", finished=time.time(),
+                                  message=f"Could not free the GPU for this job ({error}).")
+            return False
+
+    def _launch(self, job: Job, kind: JobKind) -> None:
+        # Claim the job first, so two runners on one data folder never start it twice.
+        if not self.store.update(job.id, expect=("queued",), state="running", started=time.time(), pid=None,
+                                 pid_started=None, attempts=job.attempts + 1, message="Starting."):
+            return
+        folder = Path(job.folder)
+        self._remove_cancel_file(job)
+        command = job_command(kind, folder, bool(job.resume), self.settings.launch)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+        try:
+            with open(folder / "log.txt", "a", encoding="utf-8") as f:
+                f.write(f"\n=== attempt {job.attempts + 1}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                        f"{' '.join(command)}\n")
+            proc = process.spawn(command, folder / "log.txt", folder, env)
+        except OSError as error:
+            self.store.update(job.id, state="failed", finished=time.time(),
+                              message=f"Could not start the job ({error}).")
+            return
+        self._procs[job.id] = proc
+        self.store.update(job.id, pid=proc.pid, pid_started=process.start_time(proc.pid), resume=0,
+                          message="Running.")
+
+    def _remove_cancel_file(self, job: Job) -> None:
+        try:
+            (Path(job.folder) / "cancel").unlink()
+        except OSError:
+            pass

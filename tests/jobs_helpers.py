@@ -1,0 +1,43 @@
+"""Shared helpers of the job tests: a runner over the `count` test job kind, and waiting on states."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from count_job import KIND
+
+from bksdm_ext.jobs.runner import Runner, RunnerSettings
+
+TESTS_DIR = str(Path(__file__).resolve().parent)
+
+
+def make_runner(data_dir, **settings) -> Runner:
+    options = dict(poll_s=0.1, cancel_grace_s=2.0, kill_timeout_s=1.0)
+    options.update(settings)
+    hooks = {k: options.pop(k) for k in ("before_gpu_job", "after_queue_empty") if k in options}
+    kinds = options.pop("kinds", {"count": KIND})
+    return Runner(data_dir, RunnerSettings(**options), kinds=kinds, env={"PYTHONPATH": TESTS_DIR}, **hooks)
+
+
+def wait_for(runner: Runner, job_id: str, states, timeout: float = 60.0, poll: bool = True):
+    """Poll until the job is in one of `states`; the job as it is then."""
+    states = (states,) if isinstance(states, str) else tuple(states)
+    deadline = time.time() + timeout
+    while True:
+        if poll:
+            runner.poll()
+        job = runner.get(job_id)
+        if job.state in states:
+            return job
+        if time.time() > deadline:
+            raise AssertionError(f"job {job_id} stayed {job.state} ({job.message}); log:\n{runner.log_tail(job_id)}")
+        time.sleep(0.05)
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

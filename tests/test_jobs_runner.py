@@ -1,0 +1,306 @@
+"""The job runner with real subprocesses running the tiny `count` job kind (tests/count_job.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from jobs_helpers import TESTS_DIR, make_runner, wait_for, wait_until
+
+from bksdm_ext.errors import BKSDMError
+from bksdm_ext.jobs import toml
+from bksdm_ext.jobs.kinds import JobKind
+from bksdm_ext.jobs.runner import LaunchSettings, job_command
+from bksdm_ext.jobs.store import JobStore
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def runner(tmp_path):
+    runner = make_runner(tmp_path / "data")
+    yield runner
+    for job in runner.list():
+        if job.state in ("running", "cancelling") and job.pid:
+            os.killpg(job.pid, signal.SIGKILL)
+    runner.close()
+
+
+def test_queued_running_done_one_gpu_job_at_a_time(runner):
+    first = runner.submit("count", {"steps": 4, "step_s": 0.1})
+    second = runner.submit("count", {"steps": 3, "step_s": 0.1, "label": "second"})
+    assert runner.get(first.id).state == "running"
+    assert runner.get(second.id).state == "queued"  # the default policy: one GPU job at a time
+    wait_for(runner, first.id, "done")
+    wait_for(runner, second.id, "running")
+    done = wait_for(runner, second.id, "done")
+    folder = Path(done.folder)
+    assert toml.read(folder / "config.toml") == {"steps": 3, "step_s": 0.1, "checkpoint_every": 2,
+                                                 "label": "second", "ignore_cancel": False, "spawn_child": False}
+    progress = runner.progress(second.id)
+    assert (progress["state"], progress["step"], progress["total_steps"]) == ("done", 3, 3)
+    assert (folder / "output" / "result.txt").read_text() == "3"
+    assert "count: step 3" in runner.log_tail(second.id)
+    assert [s.name for s in runner.samples(second.id)] == ["step-000001.png", "step-000002.png", "step-000003.png"]
+    # the loss terms are those progress.json names: `lr` in losses.csv is not one
+    assert sorted({term for _, term, _ in runner.losses(second.id)}) == ["kd_out", "task"]
+    assert (3, "task", 0.25) in runner.losses(second.id)
+    assert done.attempts == 1 and done.resumable == 0 and done.finished >= done.started
+
+
+def test_cancel_keeps_a_checkpoint_and_resume_finishes(runner):
+    job = runner.submit("count", {"steps": 40, "step_s": 0.1, "checkpoint_every": 100})
+    wait_until(lambda: runner.progress(job.id).get("step", 0) >= 3, what="3 steps")
+    assert runner.cancel(job.id).state == "cancelling"
+    cancelled = wait_for(runner, job.id, "cancelled")
+    assert cancelled.resumable == 1 and cancelled.terminate_sent is None  # it stopped by itself
+    stopped_at = runner.progress(job.id)["step"]
+    assert (Path(job.folder) / "checkpoints" / f"step-{stopped_at:06d}").is_dir()
+    assert not (Path(job.folder) / "cancel").exists()
+
+    runner.resume(job.id)
+    runner.resume(job.id)  # a second click changes nothing
+    done = wait_for(runner, job.id, "done")
+    assert done.attempts == 2
+    assert f"count: starting at step {stopped_at} of 40" in runner.log_tail(job.id)
+    assert runner.progress(job.id)["step"] == 40
+
+
+def test_sigkilled_job_is_interrupted_and_resumable(runner):
+    job = runner.submit("count", {"steps": 30, "step_s": 0.1, "checkpoint_every": 2})
+    wait_until(lambda: runner.progress(job.id).get("last_checkpoint"), what="a checkpoint")
+    os.kill(runner.get(job.id).pid, signal.SIGKILL)
+    interrupted = wait_for(runner, job.id, ("interrupted", "failed"))
+    assert interrupted.state == "interrupted" and interrupted.resumable == 1
+    assert "SIGKILL" in interrupted.message
+    runner.resume(job.id)
+    assert wait_for(runner, job.id, "done").attempts == 2
+    assert "count: starting at step 0" not in runner.log_tail(job.id).split("=== attempt 2")[1]
+
+
+def test_killed_before_any_checkpoint_is_failed(runner):
+    job = runner.submit("count", {"steps": 30, "step_s": 0.5, "checkpoint_every": 100})
+    wait_until(lambda: runner.progress(job.id).get("state") == "running", what="the job to start")
+    os.kill(runner.get(job.id).pid, signal.SIGKILL)
+    failed = wait_for(runner, job.id, ("interrupted", "failed"))
+    assert failed.state == "failed" and failed.resumable == 0 and "see log.txt" in failed.message
+    assert runner.resume(job.id).attempts == 2  # started over, without --resume
+    assert "--resume" not in runner.log_tail(job.id).split("=== attempt 2")[1].splitlines()[0]
+
+
+def test_a_job_that_ignores_cancel_is_killed_with_its_whole_tree(runner):
+    job = runner.submit("count", {"steps": 1000, "step_s": 0.1, "ignore_cancel": True, "spawn_child": True})
+    child_file = Path(job.folder) / "child.pid"
+    wait_until(child_file.exists, what="the grandchild")
+    child = psutil.Process(int(child_file.read_text()))
+    t0 = time.time()
+    runner.cancel(job.id)
+    cancelled = wait_for(runner, job.id, "cancelled")
+    # grace (2 s), SIGTERM ignored, kill after 1 s more
+    assert cancelled.terminate_sent is not None and time.time() - t0 >= 3.0
+    wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 10, "the grandchild to die")
+
+
+PARENT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from jobs_helpers import make_runner
+runner = make_runner({data!r})
+job = runner.submit("count", {{"steps": {steps}, "step_s": 0.1, "checkpoint_every": 2}})
+print(job.id, flush=True)
+runner.start()
+time.sleep(600)
+"""
+
+
+def _start_parent(data, steps):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(tests=TESTS_DIR, data=str(data), steps=steps)],
+                              stdout=subprocess.PIPE, text=True)
+    return parent, parent.stdout.readline().strip()
+
+
+def test_restarted_parent_reattaches_to_a_running_job(tmp_path):
+    parent, job_id = _start_parent(tmp_path / "data", steps=25)
+    store = JobStore(tmp_path / "data" / "jobs.sqlite3")
+    wait_until(lambda: store.get(job_id).pid, what="the job to start")
+    parent.kill()  # the WebUI dies; the job, in its own session, goes on
+    parent.wait()
+    pid = store.get(job_id).pid
+    assert psutil.pid_exists(pid)
+
+    runner = make_runner(tmp_path / "data")
+    try:
+        runner.poll()
+        assert runner.get(job_id).state == "running"  # same pid, same start time: re-attached
+        done = wait_for(runner, job_id, "done")
+        assert done.attempts == 1 and runner.progress(job_id)["step"] == 25
+    finally:
+        runner.close()
+
+
+def test_restarted_parent_marks_a_vanished_job_interrupted(tmp_path):
+    parent, job_id = _start_parent(tmp_path / "data", steps=200)
+    store = JobStore(tmp_path / "data" / "jobs.sqlite3")
+    folder = Path(tmp_path / "data" / "jobs" / job_id)
+    wait_until(lambda: (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()), what="checkpoint")
+    parent.kill()
+    parent.wait()
+    os.killpg(store.get(job_id).pid, signal.SIGKILL)  # the job dies while no one watches
+    wait_until(lambda: not psutil.pid_exists(store.get(job_id).pid)
+               or psutil.Process(store.get(job_id).pid).status() == psutil.STATUS_ZOMBIE, what="the job to die")
+
+    runner = make_runner(tmp_path / "data")
+    try:
+        runner.poll()
+        job = runner.get(job_id)
+        assert (job.state, job.resumable) == ("interrupted", 1)
+        assert "while no runner was watching" in job.message
+        runner.resume(job_id)
+        wait_until(lambda: runner.progress(job_id).get("step", 0) > 4, what="progress after resume")
+        runner.cancel(job_id)
+        assert wait_for(runner, job_id, "cancelled").attempts == 2
+    finally:
+        runner.close()
+
+
+def test_two_launches_of_the_same_form_make_one_job(runner):
+    values = {"steps": 2, "step_s": 0.05}
+    ids = []
+    threads = [threading.Thread(target=lambda: ids.append(runner.submit("count", values).id)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1 and len(runner.list()) == 1
+    # a client's request id makes retries safe beyond the window; different ids are different jobs
+    a = runner.submit("count", {"steps": 3}, request_id="req-a")
+    assert runner.submit("count", {"steps": 3}, request_id="req-a").id == a.id
+    assert runner.submit("count", {"steps": 3}, request_id="req-b").id != a.id
+    assert len(runner.list()) == 3
+
+
+def test_invalid_config_is_refused_before_any_job_exists(runner):
+    with pytest.raises(BKSDMError, match="steps must be at least 1"):
+        runner.submit("count", {"steps": 0})
+    with pytest.raises(BKSDMError, match="Unknown count settings: bogus"):
+        runner.submit("count", {"bogus": 1})
+    with pytest.raises(BKSDMError, match="Unknown job kind 'nope'"):
+        runner.submit("nope", {})
+    assert runner.list() == []
+
+
+def test_delete_refuses_running_jobs_and_removes_finished_ones(runner):
+    job = runner.submit("count", {"steps": 100, "step_s": 0.1})
+    with pytest.raises(BKSDMError, match="cancel it"):
+        runner.delete(job.id)
+    runner.cancel(job.id)
+    wait_for(runner, job.id, "cancelled")
+    runner.delete(job.id)
+    assert not Path(job.folder).exists() and runner.list() == []
+    with pytest.raises(BKSDMError, match="no job"):
+        runner.get(job.id)
+
+
+def test_relaunch_runs_the_edited_config_toml(runner):
+    job = runner.submit("count", {"steps": 2, "step_s": 0.05})
+    wait_for(runner, job.id, "done")
+    config = toml.read(Path(job.folder) / "config.toml")
+    toml.write(Path(job.folder) / "config.toml", {**config, "steps": 3})
+    again = wait_for(runner, runner.relaunch(job.id).id, "done")
+    assert again.id != job.id and runner.progress(again.id)["step"] == 3
+
+
+def test_vram_handoff_hooks_run_around_the_gpu_queue(tmp_path):
+    events = []
+
+    def before():
+        events.append(("before", [j.state for j in runner.list()], any(
+            (Path(j.folder) / "progress.json").exists() for j in runner.list())))
+
+    def after():
+        events.append(("after", sorted(j.state for j in runner.list()), None))
+
+    runner = make_runner(tmp_path / "data", vram_handoff=True, before_gpu_job=before, after_queue_empty=after)
+    try:
+        a = runner.submit("count", {"steps": 3, "step_s": 0.1})
+        assert runner.handoff_active
+        b = runner.submit("count", {"steps": 2, "step_s": 0.1})
+        wait_for(runner, a.id, "done")
+        wait_for(runner, b.id, "done")
+        runner.poll()
+        # unloaded once before the first job's process started, reloaded once when both had finished
+        assert events == [("before", ["queued"], False), ("after", ["done", "done"], None)]
+        assert not runner.handoff_active
+    finally:
+        runner.close()
+
+    calls = []
+    off = make_runner(tmp_path / "off", before_gpu_job=lambda: calls.append(1), after_queue_empty=lambda: calls.append(2))
+    try:
+        wait_for(off, off.submit("count", {"steps": 1, "step_s": 0.05}).id, "done")
+        off.poll()
+        assert calls == []  # the setting is off
+    finally:
+        off.close()
+
+
+def test_a_failing_unload_fails_the_job_with_a_message(tmp_path):
+    def refuse():
+        raise RuntimeError("model is busy")
+
+    runner = make_runner(tmp_path / "data", vram_handoff=True, before_gpu_job=refuse)
+    try:
+        job = runner.submit("count", {"steps": 1})
+        assert (job.state, job.message) == ("failed", "Could not free the GPU for this job (model is busy).")
+    finally:
+        runner.close()
+
+
+def test_background_thread_drives_the_queue(tmp_path):
+    runner = make_runner(tmp_path / "data").start()
+    try:
+        job = runner.submit("count", {"steps": 2, "step_s": 0.05})
+        assert wait_for(runner, job.id, "done", poll=False).state == "done"
+    finally:
+        runner.close()
+
+
+def test_accelerate_command_for_several_processes_parses():
+    from accelerate.commands.launch import launch_command_parser
+
+    kind = JobKind("distill", "Distillation", "x:Y")
+    single = job_command(kind, Path("/jobs/a"), False, LaunchSettings())
+    assert single == [sys.executable, "-m", "bksdm_ext.train", "distill", "--job-dir", "/jobs/a"]
+    launch = LaunchSettings(num_processes=4, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
+                            extra_args=("--mixed_precision", "fp16"))
+    command = job_command(kind, Path("/jobs/a"), True, launch)
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    args = launch_command_parser().parse_args(command[3:])
+    assert (args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip) == (4, 2, 1, "10.0.0.1")
+    assert args.multi_gpu and args.module and args.mixed_precision == "fp16"
+    assert (args.training_script, args.training_script_args) == (
+        "bksdm_ext.train", ["distill", "--job-dir", "/jobs/a", "--resume", "latest"])
+    # a job kind that needs no GPU never goes through accelerate
+    convert = JobKind("convert", "Convert", "x:Y", gpu=False)
+    assert job_command(convert, Path("/j"), False, launch)[1:3] == ["-m", "bksdm_ext.train"]
+
+
+def test_progress_of_an_earlier_attempt_is_not_trusted(runner):
+    job = runner.submit("count", {"steps": 50, "step_s": 0.1, "checkpoint_every": 1})
+    wait_until(lambda: runner.progress(job.id).get("step", 0) >= 2, what="2 steps")
+    runner.cancel(job.id)
+    wait_for(runner, job.id, "cancelled")
+    runner.resume(job.id)
+    resumed = wait_for(runner, job.id, "running")
+    wait_until(lambda: runner.get(job.id).pid, what="the new pid")
+    os.kill(runner.get(job.id).pid, signal.SIGKILL)
+    # progress.json may still say "cancelled" (first attempt) if the kill came early: not this attempt's end
+    assert wait_for(runner, job.id, ("interrupted", "failed", "cancelled")).state == "interrupted"
+    assert resumed.attempts == 2
