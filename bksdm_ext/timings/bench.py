@@ -1,0 +1,322 @@
+"""The paper's generation benchmark outside the WebUI, recorded into the timing store.
+
+Protocol (BK-SDM, arXiv 2305.15798, Jetson AGX Orin table): 512x512, 20 steps, DPM++ 2M with Karras
+sigmas, CFG 7, seed 1234, warm-up images excluded, N measured images. Sampling uses k-diffusion's
+samplers on the diffusers U-Net when k-diffusion imports, else diffusers' DPMSolverMultistepScheduler
+(dpmsolver++, order 2, Karras sigmas): the same method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import layouts
+from ..errors import BKSDMError
+from ..pipeline_folder import unet_dir
+from . import device as device_info
+from .recorder import GenerationRecorder, RecorderSlot
+from .store import GenerationRecord, TimingStore, new_record_id
+
+log = logging.getLogger(__name__)
+
+K_SAMPLERS = {  # WebUI name -> k_diffusion.sampling function name
+    "Euler": "sample_euler",
+    "Heun": "sample_heun",
+    "DPM++ 2M": "sample_dpmpp_2m",
+    "DPM++ SDE": "sample_dpmpp_sde",
+}
+SCHEDULES = ("karras", "normal")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    sampler: str = "DPM++ 2M"
+    schedule: str = "karras"
+    cfg_scale: float = 7.0
+    seed: int = 1234
+    warmup: int = 1
+    images: int = 5
+    batch_size: int = 1
+    prompt: str = "a golden retriever sitting on a wooden floor, photo"
+    negative_prompt: str = ""
+    strength: float | None = None  # img2img (SDEdit) denoising strength; None for txt2img
+
+    def validate(self) -> None:
+        if self.sampler not in K_SAMPLERS:
+            raise BKSDMError(f"Unknown sampler {self.sampler!r}: choose one of {', '.join(K_SAMPLERS)}.")
+        if self.schedule not in SCHEDULES:
+            raise BKSDMError(f"Unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
+        if self.width % 8 or self.height % 8 or self.width <= 0 or self.height <= 0:
+            raise BKSDMError(f"Size {self.width}x{self.height}: width and height must be positive multiples of 8.")
+        if self.steps < 1 or self.images < 1 or self.warmup < 0 or self.batch_size < 1:
+            raise BKSDMError("Steps, images and batch size must be at least 1, warm-up at least 0.")
+        if self.strength is not None and not 0 < self.strength <= 1:
+            raise BKSDMError(f"Denoising strength {self.strength} must be in (0, 1].")
+
+
+def k_diffusion_available() -> bool:
+    try:
+        import k_diffusion.sampling  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class Pipeline:
+    """The parts of a diffusers Stable Diffusion folder a generation needs, on one device."""
+
+    name: str
+    checkpoint_hash: str
+    layout: str
+    version: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod
+
+
+def layout_of(unet_config: dict) -> str:
+    """The timing name of a diffusers U-Net's layout: "sd" for the teacher, else the BK layout name."""
+    stages = len(unet_config["block_out_channels"])
+    has_mid = unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None
+    for layout in layouts.LAYOUTS.values():
+        if (layout.layers_per_block, layout.mid_block, layout.stages) == (unet_config["layers_per_block"], has_mid, stages):
+            return layout.name if layout.is_student else "sd"
+    return "unknown"
+
+
+def version_of(unet_config: dict, prediction_type: str) -> str:
+    for version in layouts.VERSIONS.values():
+        if (version.cross_attention_dim, version.prediction_type) == (unet_config["cross_attention_dim"], prediction_type):
+            return version.name
+    return ""
+
+
+def short_hash(path: Path) -> str:
+    """sha256 of the U-Net weights, first 10 hex digits (the WebUI's short hash length)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+def load_pipeline(folder: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet_folder, root = unet_dir(folder)
+    if root is None:
+        raise BKSDMError(f"{folder} is a U-Net folder; the benchmark needs a whole pipeline folder "
+                         "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
+    dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    device = torch.device(device)
+    weights = sorted(unet_folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(
+        unet_folder.glob("diffusion_pytorch_model*.bin"))
+    unet = UNet2DConditionModel.from_pretrained(unet_folder, torch_dtype=dtype).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device).eval()
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    from diffusers import DDPMScheduler
+
+    scheduler_config = dict(DDPMScheduler.load_config(root / "scheduler"))
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    return Pipeline(name=root.name, checkpoint_hash=short_hash(weights[0]) if weights else "",
+                    layout=layout_of(unet.config), version=version_of(unet.config, prediction),
+                    unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                    scheduler_config=scheduler_config, device=device, dtype=dtype)
+
+
+class _DiffusersModel(torch.nn.Module):
+    """A diffusers U-Net with the (x, t, cond) call k-diffusion's discrete wrappers make."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, cond):
+        # the sampler works in float32 (as the WebUI does); the U-Net in its own precision
+        return self.unet(x.to(self.unet.dtype), t, encoder_hidden_states=cond).sample.float()
+
+
+def k_denoiser(pipe: Pipeline):
+    """The U-Net as a k-diffusion denoiser (eps or v prediction), as the WebUI wraps its models."""
+    from k_diffusion import external
+
+    alphas = pipe.alphas_cumprod.to(pipe.device)
+    wrapper = external.DiscreteVDDPMDenoiser if pipe.prediction_type == "v_prediction" else external.DiscreteEpsDDPMDenoiser
+    return wrapper(_DiffusersModel(pipe.unet), alphas, quantize=False)
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Pipeline, prompt: str, negative: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(text):
+        ids = pipe.tokenizer([text] * batch, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+        return pipe.text_encoder(ids)[0]
+
+    return encode(prompt), encode(negative)
+
+
+@torch.no_grad()
+def encode_image(pipe: Pipeline, image: torch.Tensor) -> torch.Tensor:
+    """An image batch in [-1, 1] (B, 3, H, W) to scaled latents."""
+    latents = pipe.vae.encode(image.to(pipe.device, pipe.dtype)).latent_dist.mean
+    return latents.float() * pipe.vae.config.scaling_factor
+
+
+def _noise(protocol: Protocol, seed: int, pipe: Pipeline) -> torch.Tensor:
+    # CPU generator: the same image on every device, as the WebUI's "CPU" RNG source
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (protocol.batch_size, 4, protocol.height // 8, protocol.width // 8)
+    return torch.randn(shape, generator=generator).to(pipe.device)
+
+
+def img2img_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
+    """The tail of the schedule that img2img runs: int(strength * steps) steps, as the WebUI does."""
+    t_enc = int(min(strength, 0.999) * steps)
+    return sigmas[steps - t_enc - 1:]
+
+
+@torch.no_grad()
+def sample_k_diffusion(pipe: Pipeline, protocol: Protocol, cond, uncond, noise, init_latent=None) -> torch.Tensor:
+    from k_diffusion import sampling
+
+    denoiser = k_denoiser(pipe)
+    if protocol.schedule == "karras":
+        sigmas = sampling.get_sigmas_karras(protocol.steps, denoiser.sigma_min.item(), denoiser.sigma_max.item(),
+                                            device=pipe.device)
+    else:
+        sigmas = denoiser.get_sigmas(protocol.steps)
+    if init_latent is not None:
+        sigmas = img2img_sigmas(sigmas, protocol.steps, protocol.strength)
+        x = init_latent + noise * sigmas[0]
+    else:
+        x = noise * sigmas[0]
+    scale = protocol.cfg_scale
+
+    def guided(x, sigma):  # classifier-free guidance: cond and uncond in one U-Net batch
+        out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([uncond, cond]))
+        out_uncond, out_cond = out.chunk(2)
+        return out_uncond + (out_cond - out_uncond) * scale
+
+    sample = getattr(sampling, K_SAMPLERS[protocol.sampler])
+    return sample(guided, x, sigmas, disable=True)
+
+
+@torch.no_grad()
+def sample_diffusers(pipe: Pipeline, protocol: Protocol, cond, uncond, noise, init_latent=None) -> torch.Tensor:
+    """DPM++ 2M (Karras) through diffusers' DPMSolverMultistepScheduler, for when k-diffusion is absent."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if protocol.sampler != "DPM++ 2M" or init_latent is not None:
+        raise BKSDMError("Without k-diffusion only txt2img with DPM++ 2M can be benchmarked: install k-diffusion "
+                         "or use --sampler 'DPM++ 2M' without --strength.")
+    scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler_config, use_karras_sigmas=protocol.schedule == "karras",
+        algorithm_type="dpmsolver++", solver_order=2)
+    scheduler.set_timesteps(protocol.steps, device=pipe.device)
+    latents = noise * scheduler.init_noise_sigma
+    context = torch.cat([uncond, cond])
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        model_output = pipe.unet(model_input.to(pipe.dtype), t, encoder_hidden_states=context).sample.float()
+        out_uncond, out_cond = model_output.chunk(2)
+        latents = scheduler.step(out_uncond + (out_cond - out_uncond) * protocol.cfg_scale, t, latents).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def generate(pipe: Pipeline, protocol: Protocol, recorder: GenerationRecorder, seed: int,
+             backend: str = "k-diffusion", init_image: torch.Tensor | None = None):
+    """One batch of images, timed: total, sampling (inside), decode (by the slot's decoder hook)."""
+    recorder.start()
+    cond, uncond = encode_prompts(pipe, protocol.prompt, protocol.negative_prompt, protocol.batch_size)
+    init_latent = encode_image(pipe, init_image) if init_image is not None else None
+    noise = _noise(protocol, seed, pipe)
+    sample = sample_k_diffusion if backend == "k-diffusion" else sample_diffusers
+    with recorder.sampling():
+        latents = sample(pipe, protocol, cond, uncond, noise, init_latent)
+    images = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.dtype)).sample
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return images, recorder.finish()
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "k-diffusion" if k_diffusion_available() else "diffusers"
+    if backend == "k-diffusion" and not k_diffusion_available():
+        raise BKSDMError("k-diffusion does not import here: install it or use --backend diffusers.")
+    return backend
+
+
+def attention_name(unet) -> str:
+    processors = getattr(unet, "attn_processors", {})
+    return type(next(iter(processors.values()))).__name__ if processors else ""
+
+
+def run_benchmark(folders: list, protocol: Protocol, store: TimingStore, device: str = "cpu",
+                  dtype: torch.dtype | None = None, backend: str = "auto", init_image: torch.Tensor | None = None,
+                  progress: Callable[[str], None] = log.info) -> list[GenerationRecord]:
+    """Run the protocol on each pipeline folder; every measured image batch becomes one stored record."""
+    protocol.validate()
+    if (init_image is None) != (protocol.strength is None):
+        raise BKSDMError("img2img needs both an init image and a denoising strength.")
+    backend = resolve_backend(backend)
+    described = device_info.describe(device)
+    run_id = new_record_id()[:12]
+    records = []
+    for folder in folders:
+        pipe = load_pipeline(folder, device, dtype)
+        slot = RecorderSlot("bench")
+        slot.hook_unet(pipe.unet)
+        slot.hook_decoder(pipe.vae.decoder)
+        for index in range(protocol.warmup + protocol.images):
+            recorder = GenerationRecorder(device)
+            slot.active = recorder
+            try:
+                _, timings = generate(pipe, protocol, recorder, protocol.seed + index * protocol.batch_size,
+                                      backend, init_image)
+            finally:
+                slot.active = None
+            if index < protocol.warmup:
+                continue
+            record = GenerationRecord(
+                checkpoint=pipe.name, checkpoint_hash=pipe.checkpoint_hash, layout=pipe.layout, version=pipe.version,
+                sampler=protocol.sampler, schedule=protocol.schedule, steps=protocol.steps,
+                width=protocol.width, height=protocol.height, batch_size=protocol.batch_size,
+                cfg_scale=protocol.cfg_scale, seed=protocol.seed + index * protocol.batch_size,
+                mode="txt2img" if protocol.strength is None else "img2img", denoising_strength=protocol.strength,
+                source="bench", run_id=run_id, attention=attention_name(pipe.unet),
+                precision=str(pipe.dtype).replace("torch.", ""), **timings.record_fields(),
+                **described.record_fields())
+            store.add(record)
+            records.append(record)
+            progress(f"{pipe.name} ({pipe.layout}): image {index - protocol.warmup + 1}/{protocol.images} "
+                     f"{record.seconds_per_image:.3f} s, {timings.unet_calls} U-Net calls")
+        del pipe
+    return records
