@@ -1,0 +1,60 @@
+"""The job store and the config TOML writer."""
+
+import math
+import sqlite3
+import time
+
+import pytest
+
+from bksdm_ext.errors import BKSDMError
+from bksdm_ext.jobs import toml
+from bksdm_ext.jobs.store import JobStore
+
+
+def test_store_is_wal_and_survives_reopening(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    job, created = store.create("a", "count", str(tmp_path / "a"), {"steps": 1})
+    assert created and job.state == "queued" and job.attempts == 0
+    assert store.update("a", expect=("queued",), state="running", pid=123)
+    assert not store.update("a", expect=("queued",), state="failed")  # only from the expected state
+    store.close()
+    again = JobStore(tmp_path / "jobs.sqlite3")
+    assert (again.get("a").state, again.get("a").pid) == ("running", 123)
+    mode = sqlite3.connect(tmp_path / "jobs.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_same_config_within_the_window_is_the_same_job(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    first, _ = store.create("a", "count", "a", {"steps": 1, "x": [1, 2]})
+    same, created = store.create("b", "count", "b", {"x": [1, 2], "steps": 1})  # key order does not matter
+    assert (same.id, created) == ("a", False)
+    other, created = store.create("c", "count", "c", {"steps": 2})
+    assert created
+    later, created = store.create("d", "count", "d", {"steps": 1, "x": [1, 2]}, dedupe_window_s=0.0)
+    assert created  # outside the window a launch is a new job
+    rid, _ = store.create("e", "count", "e", {"steps": 1, "x": [1, 2]}, request_id="r1")
+    assert rid.id == "e" and store.create("f", "count", "f", {}, request_id="r1")[0].id == "e"
+
+
+def test_a_corrupt_store_is_a_readable_error(tmp_path):
+    (tmp_path / "jobs.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(BKSDMError, match="cannot be opened.*Move it aside"):
+        JobStore(tmp_path / "jobs.sqlite3")
+
+
+def test_toml_round_trip(tmp_path):
+    data = {
+        "teacher": 'C:\\models\\sd "v1".safetensors', "steps": 3, "lr": 5e-05, "on": True, "off": False,
+        "prompts": ["a cat", "ünïcode\ttab"], "nested": {"a": 1, "deep": {"b": [1.5, 2]}}, "empty": None,
+        "big": math.inf, "key with space": "x",
+    }
+    toml.write(tmp_path / "c.toml", data)
+    back = toml.read(tmp_path / "c.toml")
+    expected = {k: v for k, v in data.items() if v is not None}
+    assert back == expected
+    with pytest.raises(BKSDMError, match="Cannot write when"):
+        toml.dumps({"when": time})
+    (tmp_path / "bad.toml").write_text("steps = = 3")
+    with pytest.raises(BKSDMError, match="not valid TOML"):
+        toml.read(tmp_path / "bad.toml")
