@@ -1,0 +1,163 @@
+"""Convert between a diffusers folder and one `.safetensors` in the LDM (WebUI) key layout.
+
+Every direction reads the source into one `Model` (diffusers component state dicts, configs, the
+detected layout and version) and writes that. The form of SRC and DST picks the direction:
+a folder or a file in, a `.safetensors` (LDM keys, `.yaml` beside it when it is a whole model)
+or a folder (diffusers) out. U-Net-only sources give U-Net-only outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import io
+from ..detect import UNetDetection, VersionDecision, detect_unet, resolve_version
+from ..errors import BKSDMError
+from . import checkpoint
+
+
+@dataclass
+class Model:
+    weights: dict[str, io.StateDict]  # diffusers names, by component
+    configs: dict[str, dict]
+    detection: UNetDetection
+    decision: VersionDecision
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_pipeline(self) -> bool:
+        return "vae" in self.weights or "text_encoder" in self.weights
+
+
+def describe_mismatch(detection: UNetDetection, limit: int = 3) -> str:
+    parts = []
+    for name, keys in (("missing", detection.missing), ("unexpected", detection.unexpected),
+                       ("mismatched", [f"{k} {list(found)} (expected {list(want)})" for k, found, want in detection.mismatched])):
+        if keys:
+            parts.append(f"{len(keys)} {name} (e.g. {', '.join(list(keys)[:limit])})")
+    return "; ".join(parts)
+
+
+def _checked(detection: UNetDetection) -> UNetDetection:
+    if not detection.complete:
+        raise BKSDMError(f"The U-Net does not match the {detection.layout} layout it resembles: "
+                         f"{describe_mismatch(detection)}. It is damaged or not a BK-SDM/SD U-Net.")
+    return detection
+
+
+def load_model(src: str | os.PathLike, version: str | None = None) -> Model:
+    """Read a diffusers folder or a single weights file (either key naming) into a `Model`."""
+    src = Path(src)
+    if src.is_dir():
+        folder = io.read_diffusers_folder(src)
+        detection = _checked(detect_unet(folder.weights["unet"]))
+        decision = resolve_version(detection, folder.weights["unet"], scheduler_config=folder.configs.get("scheduler"),
+                                   requested=version)
+        configs = checkpoint.complete_configs(folder.configs, folder.weights, detection, decision.version)
+        return Model(folder.weights, configs, detection, decision, f"diffusers:{src.name}")
+    tensors, metadata = io.read_weights(src)
+    detection = _checked(detect_unet(tensors))
+    decision = resolve_version(detection, tensors, metadata, requested=version)
+    weights, dropped = checkpoint.split_single_file(tensors, detection)
+    configs = checkpoint.complete_configs(checkpoint.configs_from_header(metadata), weights, detection,
+                                          decision.version)
+    notes = [f"Left out {len(dropped)} tensors no diffusers component uses (e.g. {', '.join(dropped[:3])})."] if dropped else []
+    return Model(weights, configs, detection, decision, metadata.get("bksdm.source") or f"single-file:{src.name}", notes)
+
+
+def _cast(tensors: io.StateDict, half: bool) -> io.StateDict:
+    dtype = torch.float16 if half else torch.float32
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def write_single_file(model: Model, dst: Path, half: bool = False) -> list[str]:
+    from ..ldm_config import write_yaml_for
+
+    det, version = model.detection, model.decision.version
+    tensors, unused = checkpoint.to_single_file(model.weights, det.layout, det.family)
+    metadata = checkpoint.header(det.layout, version, model.source, unused, model.configs)
+    io.write_safetensors(dst, _cast(tensors, half), metadata)
+    lines = [f"Wrote {dst}: {det.layout}, {version} (decided by {model.decision.source}), "
+             f"{'fp16' if half else 'fp32'}, {len(tensors)} tensors."]
+    if unused:
+        lines.append(f"Not in the file (SD-2 never uses them, the diffusers folder has none): {', '.join(unused)}.")
+    if model.is_pipeline:
+        standard = det.full_size and model.configs["unet"].get("cross_attention_dim") == det.cross_attention_dim
+        yaml = write_yaml_for(dst, det.layout, version, None if standard else model.configs["unet"])
+        lines.append(f"Wrote {yaml} (the WebUI reads it beside the checkpoint).")
+    return lines
+
+
+def _tokenizer_source(path: Path) -> Path:
+    folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
+    if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+        raise BKSDMError(f"{path} is not a CLIP tokenizer folder (vocab.json, merges.txt) nor a pipeline folder "
+                         "with tokenizer/ in it.")
+    return folder
+
+
+def _write_component(folder: Path, tensors: io.StateDict, config: dict, weights_name: str, half: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    io.write_json(folder / "config.json", config)
+    io.write_safetensors(folder / weights_name, _cast(tensors, half))
+
+
+def write_folder(model: Model, dst: Path, half: bool = False, tokenizer: Path | None = None) -> list[str]:
+    """A diffusers pipeline folder (or a U-Net folder for a U-Net alone), built beside `dst` then renamed."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise BKSDMError(f"{dst} exists and is not an empty folder; choose a new destination.")
+    tokenizer_dir = _tokenizer_source(tokenizer) if tokenizer else None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    lines = []
+    try:
+        if not model.is_pipeline:
+            _write_component(tmp, model.weights["unet"], model.configs["unet"], "diffusion_pytorch_model.safetensors", half)
+        else:
+            names = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                     "text_encoder": "model.safetensors"}
+            for name, tensors in model.weights.items():
+                _write_component(tmp / name, tensors, model.configs[name], names[name], half)
+            (tmp / "scheduler").mkdir()
+            io.write_json(tmp / "scheduler" / "scheduler_config.json", model.configs["scheduler"])
+            io.write_json(tmp / "model_index.json", model.configs["model_index"])
+            if tokenizer_dir:
+                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            else:
+                lines.append(f"No tokenizer given: copy a CLIP tokenizer folder to {dst / 'tokenizer'} "
+                             "(for v1 openai/clip-vit-large-patch14's, for v2 stable-diffusion-2's tokenizer/), "
+                             "or convert again with --tokenizer FOLDER.")
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    det = model.detection
+    return [f"Wrote {dst}: {det.layout}, {model.decision.version} (decided by {model.decision.source}), "
+            f"{'fp16' if half else 'fp32'}, {', '.join(model.weights)}."] + lines
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False, version: str | None = None,
+            tokenizer: str | os.PathLike | None = None) -> list[str]:
+    """Convert SRC to DST; returns what was done, line by line, for the user."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise BKSDMError(f"{src} does not exist.")
+    if dst.suffix and dst.suffix != ".safetensors":
+        raise BKSDMError(f"{dst}: write a .safetensors file (LDM form) or a folder (diffusers form).")
+    if src.resolve() == dst.resolve():
+        raise BKSDMError("SRC and DST are the same path.")
+    model = load_model(src, version)
+    if dst.suffix == ".safetensors":
+        lines = write_single_file(model, dst, half)
+    else:
+        lines = write_folder(model, dst, half, Path(tokenizer) if tokenizer else None)
+    return model.notes + lines

@@ -1,0 +1,252 @@
+"""Reading and writing weights safely: safetensors first, pickles only through `weights_only`.
+
+Everything we write is a `.safetensors` (or a small text file) written atomically: a temporary file
+in the target's folder, flushed to disk, then `os.replace`d over the final name, so a crash never
+leaves a half-written file under that name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import BKSDMError
+
+StateDict = dict[str, torch.Tensor]
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# A diffusers component folder holds its weights under one of these names, best first.
+_WEIGHT_NAMES = {
+    "diffusion_pytorch_model": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "model": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+# --- single files -------------------------------------------------------------------------------
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+    """Tensors and header metadata of a `.safetensors` file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        if not path.is_file():
+            raise BKSDMError(f"{path} does not exist.") from None
+        raise BKSDMError(
+            f"{path} is not a complete safetensors file ({error}): it is truncated or corrupt; "
+            "download or copy it again."
+        ) from None
+    return tensors, metadata
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Only the header metadata of a `.safetensors` file (cheap: no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise BKSDMError(f"{path} is not a readable safetensors file ({error}).") from None
+
+
+def read_pickle_weights(path: str | os.PathLike) -> StateDict:
+    """A `.ckpt` / `.pt` / `.bin` state dict, loaded only if torch's `weights_only` unpickler accepts it."""
+    path = Path(path)
+    if not path.is_file():
+        raise BKSDMError(f"{path} does not exist.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise BKSDMError(
+            f"{path} contains Python objects besides tensors{what}, so it was not loaded: unpickling it "
+            "could run code. Convert it to .safetensors with a tool you trust and use that file."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise BKSDMError(f"{path} is not a readable PyTorch checkpoint ({error}); it may be truncated.") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]  # Lightning / original SD checkpoints nest the weights
+    if not isinstance(data, dict):
+        raise BKSDMError(f"{path} holds a {type(data).__name__}, not a state dict of tensors.")
+    return {key: value for key, value in data.items() if isinstance(value, torch.Tensor)}
+
+
+def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+    """Tensors and metadata of a single weights file, by its suffix."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return read_pickle_weights(path), {}
+    raise BKSDMError(f"{path}: unknown weights format; use .safetensors (or .ckpt/.pt/.bin).")
+
+
+# --- diffusers folders --------------------------------------------------------------------------
+
+
+@dataclass
+class DiffusersFolder:
+    """The weights and configs of a diffusers pipeline folder, or of a lone U-Net folder."""
+
+    path: Path
+    weights: dict[str, StateDict]  # by component: unet, vae, text_encoder (those present)
+    configs: dict[str, dict] = field(default_factory=dict)  # component configs, scheduler, model_index
+    files: dict[str, Path] = field(default_factory=dict)  # the weights file each component came from
+
+    @property
+    def is_pipeline(self) -> bool:
+        return set(self.weights) != {"unet"} or "model_index" in self.configs
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir()
+                              or _weights_file(path, "diffusion_pytorch_model") is not None)
+
+
+def _weights_file(folder: Path, stem: str) -> Path | None:
+    return next((folder / name for name in _WEIGHT_NAMES[stem] if (folder / name).is_file()), None)
+
+
+def read_component(folder: str | os.PathLike) -> tuple[StateDict, Path]:
+    """The weights of one diffusers component folder (unet/, vae/, text_encoder/) and their file."""
+    folder = Path(folder)
+    file = _weights_file(folder, "diffusion_pytorch_model") or _weights_file(folder, "model")
+    if file is None:
+        names = ", ".join(_WEIGHT_NAMES["diffusion_pytorch_model"][:2] + _WEIGHT_NAMES["model"][:2])
+        raise BKSDMError(f"{folder} has no weights file (looked for {names}).")
+    tensors = read_safetensors(file)[0] if file.suffix == ".safetensors" else read_pickle_weights(file)
+    return tensors, file
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise BKSDMError(f"{path} is not a readable JSON file ({error}).") from None
+
+
+def read_diffusers_folder(path: str | os.PathLike) -> DiffusersFolder:
+    """A pipeline folder (unet/ vae/ text_encoder/ ... model_index.json) or a U-Net folder."""
+    path = Path(path)
+    if not is_diffusers_folder(path):
+        raise BKSDMError(
+            f"{path} is not a diffusers folder: expected model_index.json and unet/ (a pipeline) "
+            "or config.json with diffusion_pytorch_model.safetensors (a U-Net)."
+        )
+    folder = DiffusersFolder(path, {})
+    if _weights_file(path, "diffusion_pytorch_model") is not None and not (path / "unet").is_dir():
+        parts = {"unet": path}
+    else:
+        parts = {name: path / name for name in COMPONENTS if (path / name).is_dir()}
+        if "unet" not in parts:
+            raise BKSDMError(f"{path} has no unet/ folder.")
+        for name in ("model_index", "scheduler"):
+            file = path / ("model_index.json" if name == "model_index" else "scheduler/scheduler_config.json")
+            if file.is_file():
+                folder.configs[name] = read_json(file)
+    for name, part in parts.items():
+        folder.weights[name], folder.files[name] = read_component(part)
+        if (part / "config.json").is_file():
+            folder.configs[name] = read_json(part / "config.json")
+    return folder
+
+
+# --- atomic writing -----------------------------------------------------------------------------
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    # On Windows os.replace fails while another process (a viewer, an antivirus scan) holds the
+    # target open; that usually passes within a moment.
+    for attempt in range(5):
+        try:
+            os.replace(tmp, target)
+            return
+        except PermissionError:
+            if attempt == 4:
+                tmp.unlink(missing_ok=True)
+                raise BKSDMError(f"Cannot replace {target}: another program has it open. Close it and retry.") from None
+            time.sleep(0.2 * (attempt + 1))
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows; NTFS journals the rename
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_path(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _unshared(tensors: StateDict) -> StateDict:
+    """Contiguous CPU tensors, copying those that share storage (safetensors refuses shared views)."""
+    plain = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    users: dict[int, int] = {}
+    for value in plain.values():
+        ptr = value.untyped_storage().data_ptr()
+        users[ptr] = users.get(ptr, 0) + 1
+    return {key: value.clone() if users[value.untyped_storage().data_ptr()] > 1 else value
+            for key, value in plain.items()}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: StateDict, metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` with header `metadata` atomically (never a partial file under `path`)."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    tmp = _temp_path(target)
+    try:
+        save_file(_unshared(tensors), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace(tmp, target)
+    _fsync_dir(target.parent)
+    return target
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    target = Path(path)
+    tmp = _temp_path(target)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace(tmp, target)
+    return target
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
