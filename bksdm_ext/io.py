@@ -154,6 +154,10 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersFolder:
     folder = DiffusersFolder(path, {})
     if _weights_file(path, "diffusion_pytorch_model") is not None and not (path / "unet").is_dir():
         parts = {"unet": path}
+        # a unet/ inside a pipeline: its scheduler says what the U-Net predicts
+        scheduler = path.parent / "scheduler" / "scheduler_config.json"
+        if scheduler.is_file():
+            folder.configs["scheduler"] = read_json(scheduler)
     else:
         parts = {name: path / name for name in COMPONENTS if (path / name).is_dir()}
         if "unet" not in parts:
