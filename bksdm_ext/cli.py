@@ -10,6 +10,7 @@ from .errors import BKSDMError
 
 # Modules with `add_commands(subparsers)`; heavy imports stay inside the command functions.
 COMMAND_MODULES = (
+    "bksdm_ext.commands.model",
     "bksdm_ext.commands.report",
 )
 
