@@ -135,19 +135,18 @@ def augment(image, resolution: int, center_crop: bool, flip: bool, rng: random.R
 
 
 class CaptionedImages:
-    """Map-style dataset of (image tensor, caption); an unusable image gives None (the loader skips it)."""
+    """Map-style dataset keyed by (epoch, index): image tensor and caption, or the reason it was skipped."""
 
     def __init__(self, items, resolution: int, center_crop: bool, random_flip: bool, seed: int):
         self.items, self.resolution = items, resolution
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
         self.min_side = max(1, resolution // 2)  # more than 2x upscaling is too blurry to learn from
-        self.epoch = 0
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        epoch, index = key
         path, caption = self.items[index]
         reason = reject_reason(path, self.min_side)
         if reason:
@@ -184,14 +183,47 @@ class ResumableSampler:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack the usable samples; count the skipped ones by reason."""
+    """Stack the usable samples field by field (tensors stacked, numbers as a tensor, text as a list);
+    count the skipped ones by reason."""
     import torch
 
-    good = [s for s in samples if "pixels" in s]
-    skipped = Counter(s["skipped"] for s in samples if "skipped" in s)
-    batch = {"skipped": dict(skipped), "count": len(good)}
-    if good:
-        batch["pixels"] = torch.stack([s["pixels"] for s in good])
-        batch["captions"] = [s["caption"] for s in good]
-        batch["indices"] = torch.tensor([s["index"] for s in good])
+    good = [s for s in samples if "skipped" not in s]
+    batch = {"skipped": dict(Counter(s["skipped"] for s in samples if "skipped" in s)), "count": len(good)}
+    for key in good[0] if good else ():
+        values = [s[key] for s in good]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
     return batch
+
+
+class Batches:
+    """This rank's endless stream of non-empty micro-batches; `position` counts loader batches consumed,
+    which is all a checkpoint needs to resume the data where it stopped."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0,
+                 num_workers: int = 0):
+        import torch
+        from torch.utils.data import DataLoader
+
+        sampler = ResumableSampler(len(dataset), seed, rank, world, start * batch_size)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                                 num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+        self.position, self._batches = start, iter(self.loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        skipped = Counter()
+        for _ in range(1000):
+            batch = next(self._batches)
+            self.position += 1
+            skipped.update(batch["skipped"])
+            if batch["count"]:
+                batch["skipped"] = dict(skipped)
+                return batch
+        raise BKSDMError(f"No usable image in 1000 batches in a row ({dict(skipped)}): check the dataset.")

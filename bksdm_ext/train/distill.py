@@ -1,0 +1,146 @@
+"""BK-SDM distillation retraining (BKSDM.md §3): a pruned student learns from its SD teacher.
+
+    loss = λ_task‖target − ε_S‖² + λ_out‖ε_T − ε_S‖² + λ_feat Σ_l‖f_T^l − f_S^l‖²
+
+Read `train` top to bottom: data, models, the loss of one micro-batch, the loop (shared with
+DreamBooth, `core.fit`), the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .. import layouts
+from ..errors import BKSDMError
+from ..student import build_student
+from . import cache as latent_cache
+from .config import DistillConfig
+from .core import Job, fit, half_dtype, apply_speedups, render_samples
+from .data import Batches, CaptionedImages, read_metadata, reject_reason
+from .export import check_output_free, export_model
+from .losses import diffusion_target, distill_loss, feature_taps
+from .models import encode_images, encode_prompts, freeze, load_parts
+
+
+def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator=None) -> str:
+    job = Job(config, job_dir, accelerator)
+    acc, device, timer = job.accelerator, job.device, job.timer
+
+    # data: refused before any model loads if nothing is usable
+    meta = read_metadata(config.data, config.image_column, config.caption_column)
+    probe = [reject_reason(path, config.resolution // 2) for path, _ in meta.items[:64]]
+    if all(probe):
+        raise BKSDMError(f"None of the first {len(probe)} images of {config.data} is usable "
+                         f"({', '.join(sorted(set(probe)))}): check the dataset.")
+    job.say(f"Dataset: {len(meta.items)} pairs" + (f", skipped {dict(meta.skipped)}" if meta.skipped else ""))
+
+    check_output_free(job, _output_name(config))
+
+    # models: frozen teacher (half precision, inference mode) and the student built from it
+    parts = load_parts(config.teacher)
+    frozen_dtype = half_dtype(device) if config.teacher_half else torch.float32
+    teacher = parts["unet"]
+    student, report = build_student(teacher, config.layout)
+    job.say(report.summary().splitlines()[0])
+    for name in ("unet", "vae", "text_encoder"):
+        freeze(parts[name], frozen_dtype, device)
+    apply_speedups(teacher, config, trainable=False)
+    student = apply_speedups(student.to(device).train(), config, trainable=True)
+    scheduler = parts["scheduler"]
+    teacher_tap, student_tap = feature_taps(teacher, student, config.layout)  # on the unwrapped modules
+
+    # data pipeline: a latent/text cache, or images encoded every step (the official way)
+    if config.cache:
+        cache = _build_cache(job, config, meta.items, parts)
+        dataset = cache.dataset(config.random_flip, config.seed)
+    else:
+        dataset = CaptionedImages(meta.items, config.resolution, config.center_crop, config.random_flip, config.seed)
+
+    def make_batches(start: int) -> Batches:
+        return Batches(dataset, config.train_batch_size, config.seed, acc.process_index, acc.num_processes, start,
+                       config.num_workers)
+
+    prepared = acc.prepare(student)
+    if config.compile:
+        prepared = torch.compile(prepared)
+    weights = (config.lambda_task, config.lambda_out_kd, config.lambda_feat_kd)
+
+    def loss_fn(batch):
+        with timer("encode"):
+            latents, text = _conditioning(batch, parts, device, job.generator)
+        noise = torch.randn(latents.shape, generator=job.generator, device=device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=job.generator, device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(scheduler, latents, noise, timesteps)
+        with timer("teacher"), torch.inference_mode(), teacher_tap:
+            teacher_out = teacher(noisy.to(frozen_dtype), timesteps, text.to(frozen_dtype)).sample
+        # clones leave inference mode: the loss may then save them for the backward pass
+        teacher_out, teacher_features = teacher_out.clone(), [f.clone() for f in teacher_tap.outputs()]
+        with timer("student"), student_tap:
+            student_out = prepared(noisy, timesteps, text.float()).sample
+        return distill_loss(student_out, teacher_out, target, student_tap.outputs(), teacher_features, weights)
+
+    def render(step, ema):
+        with (ema.applied() if ema else contextlib.nullcontext()), _half_autocast(device, frozen_dtype):
+            return render_samples(parts, student, config.sample_prompts, job.job_dir / "samples", f"step-{step:06d}",
+                                  config.sample_steps, config.resolution, config.seed)
+
+    if config.sample_every and acc.is_main_process and not (job.job_dir / "samples" / "teacher-0.png").exists():
+        with _half_autocast(device, frozen_dtype):
+            render_samples(parts, teacher, config.sample_prompts, job.job_dir / "samples", "teacher",
+                           config.sample_steps, config.resolution, config.seed)
+    outcome, ema = fit(job, {"student": prepared}, loss_fn, make_batches, render if acc.is_main_process else None,
+                       config.ema_decay if config.use_ema else None, resume)
+
+    # output: the EMA student as a diffusers folder and a WebUI checkpoint
+    if outcome == "done":
+        if acc.is_main_process:
+            with ema.applied() if ema else contextlib.nullcontext():
+                out = export_model(job, student, parts["root"], _output_name(config))
+            job.progress.update(state="done", message=f"Finished: {out}")
+        acc.wait_for_everyone()
+    job.progress.close()
+    return outcome
+
+
+def _conditioning(batch, parts, device, generator):
+    """(latents, text embeddings) of a batch: from the cache, or encoded now by the frozen VAE and text encoder."""
+    if "latents" in batch:
+        return batch["latents"].to(device).float(), batch["text"].to(device)
+    with torch.inference_mode():
+        latents = encode_images(parts["vae"], batch["pixels"], generator).float()
+        text = encode_prompts(parts["tokenizer"], parts["text_encoder"], batch["caption"], device)
+    return latents.clone(), text.clone()
+
+
+def _build_cache(job: Job, config: DistillConfig, items, parts):
+    root = Path(config.cache_dir) if config.cache_dir else latent_cache.default_cache_dir()
+    encoder = parts["text_encoder"]
+    size = latent_cache.bytes_per_pair(config.resolution, encoder.config.hidden_size, parts["tokenizer"].model_max_length)
+    cache = latent_cache.LatentCache(root, latent_cache.cache_key(items, config.resolution, parts), items,
+                                     config.resolution)
+    if cache.complete:
+        job.say(f"Using the latent cache {cache.dir}.")
+    else:
+        job.say(f"Building the latent cache {cache.dir}: {len(items)} pairs x {size / 1e3:.0f} KB = "
+                f"{len(items) * size / 1e9:.2f} GB.")
+        job.progress.update(message="building the latent cache")
+        with job.timer("cache"):
+            cache.build(parts, job.device, job.accelerator.process_index, job.accelerator.num_processes, job.say)
+        job.accelerator.wait_for_everyone()
+    return cache
+
+
+def _half_autocast(device, dtype):
+    """Sampling mixes the trained fp32 U-Net with half-precision frozen parts; autocast reconciles them."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _output_name(config: DistillConfig) -> str:
+    return config.output_name or f"bk-sdm-{layouts.get_layout(config.layout).name}"

@@ -1,0 +1,82 @@
+"""Loading the Stable Diffusion parts a training job needs, and encoding images and captions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import BKSDMError
+
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def load_parts(source: str, parts=PARTS) -> dict:
+    """{part: model} of a diffusers pipeline folder or hub id (a single-file checkpoint via diffusers)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+               "tokenizer": CLIPTokenizer, "scheduler": DDPMScheduler}
+    root = Path(source)
+    if root.is_file():
+        return _single_file_parts(root, parts)
+    try:
+        if not root.is_dir():
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+        loaded = {name: loaders[name].from_pretrained(root, subfolder=name) for name in parts}
+    except (OSError, ValueError) as error:
+        raise BKSDMError(f"Cannot load the model parts from {source}: {error}") from None
+    loaded["root"] = root
+    return loaded
+
+
+# where each family's tokenizer comes from when a single-file checkpoint (which has none) is used
+TOKENIZERS = {768: ("openai/clip-vit-large-patch14", ""), 1024: ("stabilityai/stable-diffusion-2-1", "tokenizer")}
+
+
+def _single_file_parts(path: Path, parts) -> dict:
+    """Convert a single-file checkpoint once into a diffusers folder in the cache, then load that."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    from ..convert import convert
+    from .cache import default_cache_dir
+
+    stat = path.stat()
+    folder = default_cache_dir().parent / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (folder / "model_index.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for line in convert(path, folder):
+            print(line, flush=True)
+    if not (folder / "tokenizer").is_dir():
+        width = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
+        repo, subfolder = TOKENIZERS[width]
+        try:
+            CLIPTokenizer.from_pretrained(repo, subfolder=subfolder).save_pretrained(folder / "tokenizer")
+        except OSError:
+            raise BKSDMError(f"{path} has no tokenizer and {repo}'s is neither cached nor downloadable: copy a "
+                             f"CLIP tokenizer folder to {folder / 'tokenizer'}.") from None
+    return load_parts(str(folder), parts)
+
+
+def freeze(module: torch.nn.Module, dtype: torch.dtype, device) -> torch.nn.Module:
+    module.requires_grad_(False)
+    return module.to(device=device, dtype=dtype).eval()
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device) -> torch.Tensor:
+    """The text encoder's last hidden state for padded, truncated prompts (SD's conditioning)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
+    """Scaled VAE latents: a posterior sample (the official recipe) or its mean (for the cache)."""
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    latents = dist.sample(generator) if sample else dist.mean
+    return latents * vae.config.scaling_factor
