@@ -46,9 +46,9 @@ class JobKind:
 BUILTIN_KINDS: dict[str, JobKind] = {
     kind.name: kind
     for kind in (
-        JobKind("distill", "Distillation", "bksdm_ext.train.config:DistillConfig"),
+        JobKind("distill", "Distill", "bksdm_ext.train.config:DistillConfig"),
         JobKind("dreambooth", "DreamBooth", "bksdm_ext.train.config:DreamBoothConfig"),
-        JobKind("convert", "Import / convert", "bksdm_ext.train.config:ConvertConfig", gpu=False),
+        JobKind("convert", "Import / Convert", "bksdm_ext.train.config:ConvertConfig", gpu=False),
     )
 }
 

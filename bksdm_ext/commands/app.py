@@ -1,0 +1,39 @@
+"""`bksdm app`: run the BK-SDM tab and jobs API without the WebUI."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("app", help="the BK-SDM tab and job runner in the browser, without the WebUI")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where the job store and job folders live (default: the per-user data folder)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but loopback refuses jobs unless the next flag is given")
+    p.add_argument("--port", type=int, default=7870)
+    p.add_argument("--enable-insecure-extension-access", action="store_true",
+                   help="allow jobs even when the server is reachable from other machines")
+    p.add_argument("--max-gpu-jobs", type=int, default=1, help="GPU jobs running at once (queue policy)")
+    p.set_defaults(run=app_command)
+
+
+def app_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..jobs.guard import AccessGuard
+    from ..jobs.runner import Runner, RunnerSettings
+    from ..ui.app import create_app, default_data_dir
+
+    data_dir = args.data_dir or default_data_dir()
+    runner = Runner(data_dir, RunnerSettings(max_gpu_jobs=args.max_gpu_jobs)).start()
+    guard = AccessGuard(server_name=args.host, allow_insecure=args.enable_insecure_extension_access)
+    if not guard.allowed:
+        print(f"bksdm app: jobs are refused on this server: {guard.exposure}.")
+    print(f"bksdm app: data in {data_dir}; open http://{args.host}:{args.port}/", flush=True)
+    try:
+        uvicorn.run(create_app(runner, guard), host=args.host, port=args.port, log_level="warning")
+    finally:
+        runner.stop()
+    return 0
