@@ -1,0 +1,144 @@
+"""Everything the extension registers with the WebUI; `scripts/bksdm.py` only calls `setup()`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from modules import script_callbacks, sd_models, shared
+
+from .. import layouts
+from . import loader
+
+SECTION = ("bksdm", "BK-SDM")
+# Extensions that address U-Net blocks by SD's positions: on a BK layout they misalign or fail.
+POSITIONAL = {
+    "controlnet": "ControlNet adds its residuals to SD's 12 input blocks and middle block",
+    "animatediff": "AnimateDiff inserts motion modules at SD's block positions",
+}
+
+
+class _Extension:
+    runner = None
+    guard = None
+
+
+ext = _Extension()
+
+
+def data_dir() -> Path:
+    configured = getattr(shared.opts, "bksdm_data_dir", "") or ""
+    if configured:
+        return Path(configured).expanduser()
+    from modules import paths
+
+    return Path(paths.data_path) / "bksdm"
+
+
+def _guard():
+    from ..jobs.guard import AccessGuard
+
+    if ext.guard is None:
+        ext.guard = AccessGuard.from_cmd_opts(shared.cmd_opts)
+    return ext.guard
+
+
+def _unload_for_job() -> None:
+    import torch
+
+    if getattr(shared.opts, "bksdm_vram_handoff", True) and torch.cuda.is_available():
+        sd_models.unload_model_weights()
+
+
+def _reload_after_jobs() -> None:
+    import torch
+
+    if getattr(shared.opts, "bksdm_vram_handoff", True) and torch.cuda.is_available():
+        sd_models.reload_model_weights()
+
+
+def runner():
+    """The job runner, created on first use with the data folder of the settings."""
+    if ext.runner is None:
+        from ..jobs.runner import Runner, RunnerSettings
+
+        settings = RunnerSettings(max_gpu_jobs=int(getattr(shared.opts, "bksdm_max_gpu_jobs", 1) or 1),
+                                  vram_handoff=True)
+        ext.runner = Runner(data_dir(), settings, before_gpu_job=_unload_for_job,
+                            after_queue_empty=_reload_after_jobs,
+                            env={"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                               os.environ.get("PYTHONPATH")]))})
+        ext.runner.start()
+    return ext.runner
+
+
+def on_ui_settings() -> None:
+    options = {
+        "bksdm_data_dir": shared.OptionInfo("", "BK-SDM data folder (jobs, timings); empty: <WebUI data>/bksdm"),
+        "bksdm_vram_handoff": shared.OptionInfo(
+            True, "Unload the WebUI's model while BK-SDM training jobs use the GPU (CUDA only)"),
+        "bksdm_max_gpu_jobs": shared.OptionInfo(1, "BK-SDM jobs running on the GPU at once"),
+    }
+    for key, option in options.items():
+        option.section = SECTION
+        shared.opts.add_option(key, option)
+
+
+def on_app_started(demo, app) -> None:
+    from ..jobs.api import jobs_router
+    from .models import routes
+
+    routes(app, _guard())
+    app.include_router(jobs_router(runner(), _guard()))
+
+
+def on_ui_tabs():
+    from ..ui.tab import TabContext, build_tab
+
+    return [(build_tab(TabContext(runner(), _guard())), "BK-SDM", "bksdm")]
+
+
+def on_script_unloaded() -> None:
+    if ext.runner is not None:
+        ext.runner.stop()  # jobs are separate processes: they go on and are re-attached after reload
+        ext.runner = None
+
+
+def infotext(p) -> None:
+    """Record the BK layout in the image's infotext and warn about positional extensions."""
+    info = loader.loaded_info()
+    if not info or not info.get("layout"):
+        return
+    title = layouts.get_layout(info["layout"]).title
+    p.extra_generation_params["BK-SDM"] = f"{info['layout']} ({info['version']})"
+    for problem in positional_conflicts(p):
+        p.comment(f"BK-SDM: {problem} — it does not apply to {title}.")
+
+
+def positional_conflicts(p) -> list[str]:
+    problems = []
+    if getattr(shared.opts, "hypertile_enable_unet", False) or getattr(shared.opts, "hypertile_enable_unet_secondpass", False):
+        problems.append("Hypertile U-Net picks SD's attention blocks by position")
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", []):
+        name = (script.title() if hasattr(script, "title") else "").lower().replace(" ", "")
+        for key, why in POSITIONAL.items():
+            if key in name and _enabled(p.script_args[script.args_from:script.args_to]):
+                problems.append(why)
+    return problems
+
+
+def _enabled(args) -> bool:
+    """Whether any unit among a script's arguments is enabled (ControlNet units, AnimateDiff params)."""
+    for arg in args:
+        enabled = arg.get("enabled") if isinstance(arg, dict) else getattr(arg, "enabled", None)
+        if enabled is True:
+            return True
+    return False
+
+
+def setup() -> None:
+    loader.install()
+    script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_app_started(on_app_started)
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_script_unloaded(on_script_unloaded)

@@ -1,0 +1,111 @@
+"""BK checkpoints in the WebUI: what is loaded, importing diffusers folders, checking the loaded U-Net."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from modules import sd_models, shared
+
+from .. import layouts
+from ..errors import BKSDMError
+from .loader import loaded_info, state
+
+SUBFOLDER = "BK-SDM"  # under models/Stable-diffusion: the dropdown shows "BK-SDM/<name>"
+
+
+def models_dir() -> Path:
+    return Path(sd_models.model_path) / SUBFOLDER
+
+
+def model_report() -> dict:
+    """GET /bksdm/v1/model: the loaded checkpoint's layout, version and key check."""
+    return {"loaded": loaded_info(), "last_refusal": state.last_refusal}
+
+
+def import_checkpoint(source: str, name: str = "", half: bool = True) -> dict:
+    """Convert a diffusers folder (or a single file) into models/Stable-diffusion/BK-SDM and list it."""
+    from ..convert import convert
+
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise BKSDMError(f"{src} does not exist: give the path of a diffusers folder, e.g. a download of "
+                         "nota-ai/bk-sdm-small, or a training job's output folder.")
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name or src.name.removesuffix(".safetensors")).strip("-.") or "bk-sdm"
+    target = models_dir() / f"{stem}.safetensors"
+    if target.exists():
+        raise BKSDMError(f"{target.name} already exists in {models_dir()}: choose another name.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    notes = convert(src, target, half=half)
+    refresh_checkpoints()
+    info = sd_models.CheckpointInfo(str(target))
+    return {"checkpoint": info.title, "path": str(target), "notes": list(notes or [])}
+
+
+def refresh_checkpoints() -> None:
+    """Re-list checkpoints, as the WebUI's refresh button does (the dropdown's choices follow)."""
+    sd_models.list_models()
+
+
+def verify_loaded_unet(seed: int = 0, latent: int = 8) -> dict:
+    """Run the WebUI's U-Net and the diffusers U-Net of the same layout on the same weights and input.
+
+    Shows inside the WebUI process that what it built for a BK layout computes what the published
+    (diffusers) model computes.
+    """
+    from diffusers import UNet2DConditionModel
+
+    info = loaded_info()
+    if not info or not info.get("layout"):
+        raise BKSDMError("Load a BK-SDM checkpoint first: the loaded model is not a BK layout.")
+    layout, version = info["layout"], info["version"]
+    webui_unet = shared.sd_model.model.diffusion_model
+    device = next(webui_unet.parameters()).device
+    dtype = next(webui_unet.parameters()).dtype
+    config = layouts.unet_config(layout, version)
+    weights = {layouts.unet_key_to_diffusers(k, layout): v for k, v in webui_unet.state_dict().items()}
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**config)
+    reference.load_state_dict(weights, strict=True, assign=True)
+    reference.eval()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, latent, latent, generator=generator).to(device, dtype)
+    t = torch.tensor([500], device=device)
+    context = torch.randn(1, 77, config["cross_attention_dim"], generator=generator).to(device, dtype)
+    with torch.no_grad():
+        ours = webui_unet(x, t, context=context).float()
+        theirs = reference(x, t, encoder_hidden_states=context).sample.float()
+    return {"layout": layout, "version": version, "dtype": str(dtype).removeprefix("torch."),
+            "max_abs_diff": (ours - theirs).abs().max().item(), "output_std": theirs.std().item()}
+
+
+def routes(app, guard) -> None:
+    """/bksdm/v1/model… on the WebUI's FastAPI app."""
+    from fastapi import HTTPException
+    from pydantic import BaseModel
+
+    class ImportRequest(BaseModel):
+        source: str
+        name: str = ""
+        half: bool = True
+
+    def answer(action):
+        try:
+            return action()
+        except BKSDMError as error:
+            raise HTTPException(status_code=403 if error.__class__.__name__ == "AccessDenied" else 400,
+                                detail=str(error)) from None
+
+    app.add_api_route("/bksdm/v1/model", lambda: model_report(), methods=["GET"], tags=["BK-SDM"])
+    app.add_api_route("/bksdm/v1/model/verify", lambda: answer(verify_loaded_unet), methods=["POST"],
+                      tags=["BK-SDM"])
+
+    def import_route(request: ImportRequest):
+        def run():
+            guard.check("Importing a checkpoint from a server path")
+            return import_checkpoint(request.source, request.name, request.half)
+
+        return answer(run)
+
+    app.add_api_route("/bksdm/v1/import", import_route, methods=["POST"], tags=["BK-SDM"])
