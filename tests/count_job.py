@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
 
     def checkpoint(step: int) -> str:
         final = job / "checkpoints" / f"step-{step:06d}"
-        temp = final.with_name(final.name + ".tmp")
+        temp = final.with_name(".tmp-" + final.name)
         temp.mkdir(parents=True, exist_ok=True)
         (temp / "state.json").write_text(json.dumps({"step": step}))
         os.replace(temp, final)

@@ -71,3 +71,27 @@ def serve(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def write_tiny_dataset(folder, count: int = 4, side: int = 64) -> Path:
+    """An image folder with metadata.jsonl, the layout of the paper's LAION-Aesthetics sets."""
+    import json
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        Image.new("RGB", (side, side), (40 * i % 256, 120, 200 - 30 * i)).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a photo of square number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def tiny_distill_values(teacher, data, steps: int = 8) -> dict:
+    """A distillation config for the tiny teacher that finishes in seconds on a CPU."""
+    return {"teacher": str(teacher), "data": str(data), "layout": "tiny", "resolution": 64, "train_batch_size": 1,
+            "gradient_accumulation_steps": 1, "max_steps": steps, "mixed_precision": "no", "teacher_half": False,
+            "num_workers": 0, "checkpoint_every": 2, "sample_every": steps, "sample_steps": 2,
+            "sample_prompts": ["a photo of a square"], "log_every": 1, "channels_last": False}

@@ -5,8 +5,8 @@ The contract with a job process (bksdm_ext.train and the test job kind follow it
   `accelerate launch` when more than one process or machine is configured);
 - DIR holds `config.toml` (what the user asked; the job reads it), `log.txt` (stdout and stderr,
   appended), `progress.json` (written atomically by the job: state, step, total_steps, losses,
-  samples_per_s, eta_s, last_checkpoint, last_sample, message, updated, pid), `checkpoints/`,
-  `samples/`, `losses.csv` and `output/`;
+  samples_per_s, eta_s, last_checkpoint, last_sample, message, updated, pid), `checkpoints/`
+  (complete ones are folders with a `state.json`), `samples/`, `losses.csv` and `output/`;
 - cancelling creates `DIR/cancel`: the job saves a checkpoint at its next step, writes state
   "cancelled" and exits 0. A job that does not is sent SIGTERM (CTRL_BREAK on Windows) after a
   grace period, and its whole process tree is killed after a timeout.
@@ -92,8 +92,13 @@ def read_progress(folder: str | Path) -> dict[str, Any]:
 
 
 def has_checkpoint(folder: str | Path) -> bool:
+    """A complete checkpoint is a folder `checkpoints/NAME` holding `state.json`; jobs write it under a
+    temporary dot-name and rename it when complete."""
     checkpoints = Path(folder) / "checkpoints"
-    return checkpoints.is_dir() and any(checkpoints.iterdir())
+    try:
+        return any(not p.name.startswith(".") and (p / "state.json").is_file() for p in checkpoints.iterdir())
+    except OSError:
+        return False
 
 
 def _describe_exit(returncode: int | None) -> str:

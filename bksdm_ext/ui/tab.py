@@ -65,26 +65,28 @@ def form_fields(cls: type) -> list[FormField]:
     return sorted(out, key=lambda field: not field.own)
 
 
-def _component(field: FormField) -> gr.components.Component:
-    label = field.name.replace("_", " ")
+def _component(field: FormField, kind: str) -> gr.components.Component:
+    label, elem_id = field.name.replace("_", " "), f"bksdm_{kind}_{field.name}"
     if field.choices:
-        return gr.Dropdown(list(field.choices), value=field.default, label=label, info=field.help)
+        return gr.Dropdown(list(field.choices), value=field.default, label=label, info=field.help, elem_id=elem_id)
     if field.type == "bool":
-        return gr.Checkbox(value=bool(field.default), label=label, info=field.help)
+        return gr.Checkbox(value=bool(field.default), label=label, info=field.help, elem_id=elem_id)
     if field.type in ("int", "float"):
-        return gr.Number(value=field.default, label=label, info=field.help, precision=0 if field.type == "int" else None)
+        return gr.Number(value=field.default, label=label, info=field.help, elem_id=elem_id,
+                         precision=0 if field.type == "int" else None)
     if field.type in ("list", "tuple"):
         return gr.Textbox(value="\n".join(map(str, field.default or [])), label=label, lines=3,
-                          info=f"{field.help} One per line.")
-    return gr.Textbox(value="" if field.default is None else str(field.default), label=label, info=field.help)
+                          info=f"{field.help} One per line.", elem_id=elem_id)
+    return gr.Textbox(value="" if field.default is None else str(field.default), label=label, info=field.help,
+                      elem_id=elem_id)
 
 
-def _field_rows(fields: list[FormField], components: list, per_row: int = 3) -> None:
+def _field_rows(fields: list[FormField], components: list, kind: str, per_row: int = 3) -> None:
     """Fields three to a row: the form stays short enough to see the launch button."""
     for start in range(0, len(fields), per_row):
         with gr.Row(equal_height=True):
             for field in fields[start:start + per_row]:
-                components.append(_component(field))
+                components.append(_component(field, kind))
 
 
 def form_values(fields: list[FormField], raw: list[Any]) -> dict[str, Any]:
@@ -126,9 +128,9 @@ def _form(context: TabContext, kind: JobKind) -> None:
     components = []
     own = [f for f in fields if f.own]
     rest = [f for f in fields if not f.own]
-    _field_rows(own, components)
+    _field_rows(own, components, kind.name)
     with gr.Accordion("Training recipe (the paper's defaults)" if kind.gpu else "More settings", open=False):
-        _field_rows(rest, components)
+        _field_rows(rest, components, kind.name)
     launch = gr.Button(f"Launch {kind.title.lower()} job", variant="primary", elem_id=f"bksdm_launch_{kind.name}")
     result = gr.HTML(elem_id=f"bksdm_launch_result_{kind.name}")
 

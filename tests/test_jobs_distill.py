@@ -1,0 +1,60 @@
+"""The runner with the real distillation job (bksdm_ext.train) on the tiny teacher: every state it can reach."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from jobs_helpers import make_runner, tiny_distill_values, wait_for, wait_until, write_tiny_dataset
+
+from bksdm_ext.jobs.kinds import BUILTIN_KINDS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def runner(tmp_path):
+    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS, cancel_grace_s=60)
+    yield runner
+    for job in runner.list():
+        if job.state in ("running", "cancelling") and job.pid:
+            os.killpg(job.pid, signal.SIGKILL)
+    runner.close()
+
+
+def test_distill_killed_resumed_cancelled_resumed_done(runner, tiny_pipeline_v1, tmp_path):
+    data = write_tiny_dataset(tmp_path / "dataset")
+    job = runner.submit("distill", tiny_distill_values(tiny_pipeline_v1, data, steps=8))
+    assert job.state == "running"
+    folder = Path(job.folder)
+
+    # SIGKILL once a checkpoint exists: interrupted, resumable
+    wait_until(lambda: runner.progress(job.id).get("last_checkpoint"), 180, "the first checkpoint")
+    os.kill(runner.get(job.id).pid, signal.SIGKILL)
+    job = wait_for(runner, job.id, ("interrupted", "failed"))
+    assert (job.state, job.resumable) == ("interrupted", 1), job.message
+
+    # resume; cancel: the job checkpoints at its next step and says cancelled
+    runner.resume(job.id)
+    start = runner.get(job.id).started
+    wait_until(lambda: runner.progress(job.id).get("updated", 0) > start
+               and runner.progress(job.id).get("step", 0) >= 3, 180, "progress after resuming")
+    runner.cancel(job.id)
+    job = wait_for(runner, job.id, "cancelled", timeout=120)
+    assert job.resumable == 1 and job.terminate_sent is None
+    stopped = runner.progress(job.id)
+    assert stopped["state"] == "cancelled" and stopped["step"] < 8
+    assert (folder / "checkpoints" / Path(stopped["last_checkpoint"]).name / "state.json").is_file()
+
+    # resume to the end
+    runner.resume(job.id)
+    job = wait_for(runner, job.id, "done", timeout=240)
+    assert job.attempts == 3
+    progress = runner.progress(job.id)
+    assert (progress["step"], progress["total_steps"]) == (8, 8)
+    log = runner.log_tail(job.id, 1 << 20)
+    assert log.count("=== attempt") == 3 and "--resume latest" in log.split("=== attempt 3")[1].splitlines()[0]
+    steps = sorted({step for step, _, _ in runner.losses(job.id)})
+    assert steps == list(range(1, 9))  # one row per step across the three attempts, none repeated
+    assert {term for _, term, _ in runner.losses(job.id)} >= {"task", "out_kd", "feat_kd"}
+    assert runner.samples(job.id) and any((folder / "output").iterdir())
