@@ -21,48 +21,11 @@ from .. import layouts
 from ..errors import BKSDMError
 from ..pipeline_folder import unet_dir
 from . import device as device_info
+from .protocol import K_SAMPLERS, Protocol
 from .recorder import GenerationRecorder, RecorderSlot
 from .store import GenerationRecord, TimingStore, new_record_id
 
 log = logging.getLogger(__name__)
-
-K_SAMPLERS = {  # WebUI name -> k_diffusion.sampling function name
-    "Euler": "sample_euler",
-    "Heun": "sample_heun",
-    "DPM++ 2M": "sample_dpmpp_2m",
-    "DPM++ SDE": "sample_dpmpp_sde",
-}
-SCHEDULES = ("karras", "normal")
-
-
-@dataclass(frozen=True)
-class Protocol:
-    width: int = 512
-    height: int = 512
-    steps: int = 20
-    sampler: str = "DPM++ 2M"
-    schedule: str = "karras"
-    cfg_scale: float = 7.0
-    seed: int = 1234
-    warmup: int = 1
-    images: int = 5
-    batch_size: int = 1
-    prompt: str = "a golden retriever sitting on a wooden floor, photo"
-    negative_prompt: str = ""
-    strength: float | None = None  # img2img (SDEdit) denoising strength; None for txt2img
-
-    def validate(self) -> None:
-        if self.sampler not in K_SAMPLERS:
-            raise BKSDMError(f"Unknown sampler {self.sampler!r}: choose one of {', '.join(K_SAMPLERS)}.")
-        if self.schedule not in SCHEDULES:
-            raise BKSDMError(f"Unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
-        if self.width % 8 or self.height % 8 or self.width <= 0 or self.height <= 0:
-            raise BKSDMError(f"Size {self.width}x{self.height}: width and height must be positive multiples of 8.")
-        if self.steps < 1 or self.images < 1 or self.warmup < 0 or self.batch_size < 1:
-            raise BKSDMError("Steps, images and batch size must be at least 1, warm-up at least 0.")
-        if self.strength is not None and not 0 < self.strength <= 1:
-            raise BKSDMError(f"Denoising strength {self.strength} must be in (0, 1].")
-
 
 def k_diffusion_available() -> bool:
     try:
@@ -197,7 +160,8 @@ def _noise(protocol: Protocol, seed: int, pipe: Pipeline) -> torch.Tensor:
 
 
 def img2img_sigmas(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
-    """The tail of the schedule that img2img runs: int(strength * steps) steps, as the WebUI does."""
+    """The tail of the schedule that img2img runs, as the WebUI does (without "fix steps"):
+    t_enc = int(strength * steps) and t_enc + 1 sampler steps."""
     t_enc = int(min(strength, 0.999) * steps)
     return sigmas[steps - t_enc - 1:]
 

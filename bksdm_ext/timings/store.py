@@ -29,6 +29,14 @@ BUSY_TIMEOUT_MS = 30_000
 RETRIES = 20  # on top of busy_timeout: each retry waits a little longer
 
 
+def default_path() -> Path:
+    """Where the command line keeps records: $BKSDM_TIMINGS_DB, else timings.sqlite3 in $BKSDM_DATA_DIR
+    or ~/.bksdm (the same on Windows)."""
+    if os.environ.get("BKSDM_TIMINGS_DB"):
+        return Path(os.environ["BKSDM_TIMINGS_DB"])
+    return Path(os.environ.get("BKSDM_DATA_DIR") or Path.home() / ".bksdm") / "timings.sqlite3"
+
+
 def now_iso() -> str:
     """UTC time with microseconds; sorts as text in time order."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
