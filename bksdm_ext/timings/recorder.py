@@ -105,6 +105,10 @@ class GenerationRecorder:
         self._start = time.perf_counter()
 
     # sampling and decode phases ------------------------------------------------------------
+    @property
+    def sampling_open(self) -> bool:
+        return bool(self._sampling) and self._sampling[-1][1] is None
+
     def begin_sampling(self) -> None:
         self._sampling.append([self.clock.mark(), None])
 
@@ -121,8 +125,7 @@ class GenerationRecorder:
             self.end_sampling()
 
     def begin_decode(self) -> None:
-        inside = bool(self._sampling) and self._sampling[-1][1] is None
-        self._decoding.append([self.clock.mark(), None, inside])
+        self._decoding.append([self.clock.mark(), None, self.sampling_open])
 
     def end_decode(self) -> None:
         if self._decoding and self._decoding[-1][1] is None:
