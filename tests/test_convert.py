@@ -175,6 +175,16 @@ def test_unet_only_both_ways(tmp_path, capsys):
     assert _equal(io.read_safetensors(tmp_path / "again.safetensors")[0], tensors)
 
 
+def test_unet_loads_from_a_single_file_as_a_diffusers_model(tmp_path, tiny_pipeline_v1):
+    from bksdm_ext.convert import load_unet_from_single_file
+
+    convert(tiny_pipeline_v1, tmp_path / "m.safetensors", half=True)
+    unet = load_unet_from_single_file(tmp_path / "m.safetensors")
+    original = io.read_component(tiny_pipeline_v1 / "unet")[0]
+    assert unet.config.attention_head_dim == 2  # the config came back from the header, heads included
+    assert _equal(unet.state_dict(), {k: v.half().float() for k, v in original.items()})
+
+
 def test_full_openclip_single_file_loses_only_what_sd2_never_runs(tmp_path):
     pipe = write_tiny_pipeline(tmp_path / "pipe", "base", "v2-768")
     single = tmp_path / "m.safetensors"

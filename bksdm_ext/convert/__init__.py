@@ -72,6 +72,18 @@ def load_model(src: str | os.PathLike, version: str | None = None) -> Model:
     return Model(weights, configs, detection, decision, metadata.get("bksdm.source") or f"single-file:{src.name}", notes)
 
 
+def load_unet_from_single_file(path: str | os.PathLike, dtype: torch.dtype | None = None, version: str | None = None):
+    """A diffusers UNet2DConditionModel from a single file in either naming (fp32 unless `dtype`)."""
+    from diffusers import UNet2DConditionModel
+
+    model = load_model(path, version)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(model.configs["unet"])
+    weights = {k: v.to(dtype or torch.float32) for k, v in model.weights["unet"].items()}
+    unet.load_state_dict(weights, strict=True, assign=True)
+    return unet.eval()
+
+
 def _cast(tensors: io.StateDict, half: bool) -> io.StateDict:
     dtype = torch.float16 if half else torch.float32
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -89,8 +101,8 @@ def write_single_file(model: Model, dst: Path, half: bool = False) -> list[str]:
     if unused:
         lines.append(f"Not in the file (SD-2 never uses them, the diffusers folder has none): {', '.join(unused)}.")
     if model.is_pipeline:
-        standard = det.full_size and model.configs["unet"].get("cross_attention_dim") == det.cross_attention_dim
-        yaml = write_yaml_for(dst, det.layout, version, None if standard else model.configs["unet"])
+        # full size: the layout table's yaml; other sizes (tests' tiny models) need their own U-Net config
+        yaml = write_yaml_for(dst, det.layout, version, None if det.full_size else model.configs["unet"])
         lines.append(f"Wrote {yaml} (the WebUI reads it beside the checkpoint).")
     return lines
 
