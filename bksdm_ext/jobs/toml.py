@@ -86,8 +86,7 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def write(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write atomically: a crash leaves either the old file or the new one."""
-    path = Path(path)
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(dumps(data), encoding="utf-8")
-    os.replace(temp, path)
+    """Write atomically (a crash leaves the old file or the new one; Windows' open-file case retried)."""
+    from ..io import write_text  # imports torch: only when a config is written
+
+    write_text(path, dumps(data))

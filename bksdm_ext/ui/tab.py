@@ -129,7 +129,8 @@ def _form(context: TabContext, kind: JobKind) -> None:
     own = [f for f in fields if f.own]
     rest = [f for f in fields if not f.own]
     _field_rows(own, components, kind.name)
-    with gr.Accordion("Training recipe (the paper's defaults)" if kind.gpu else "More settings", open=False):
+    with gr.Accordion("Training recipe (the paper's defaults)" if kind.gpu else "More settings", open=False,
+                      elem_id=f"bksdm_{kind.name}_more"):
         _field_rows(rest, components, kind.name)
     launch = gr.Button(f"Launch {kind.title.lower()} job", variant="primary", elem_id=f"bksdm_launch_{kind.name}")
     result = gr.HTML(elem_id=f"bksdm_launch_result_{kind.name}")
@@ -225,10 +226,9 @@ def _jobs(context: TabContext) -> None:
     handoff = gr.HTML(elem_id="bksdm_handoff")
     table = gr.Dataframe(headers=TABLE_HEADERS, value=[[""] * len(TABLE_HEADERS)], interactive=False,
                          wrap=True, elem_id="bksdm_jobs_table")
+    selected = gr.Dropdown([], label="Job", elem_id="bksdm_job_select")
     with gr.Row():
-        selected = gr.Dropdown([], label="Job", elem_id="bksdm_job_select", scale=3)
-        refresh = gr.Button("Refresh", elem_id="bksdm_refresh", size="sm", scale=0, min_width=120)
-    with gr.Row():
+        refresh = gr.Button("Refresh", elem_id="bksdm_refresh")
         cancel = gr.Button("Cancel", elem_id="bksdm_cancel")
         resume = gr.Button("Resume", elem_id="bksdm_resume")
         delete = gr.Button("Delete", elem_id="bksdm_delete", variant="stop")

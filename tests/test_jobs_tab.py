@@ -1,0 +1,57 @@
+"""The tab's forms come from the typed job configs, and give back exactly what the config holds."""
+
+import pytest
+from jobs_helpers import make_runner
+
+from bksdm_ext.jobs.guard import AccessGuard
+from bksdm_ext.jobs.kinds import BUILTIN_KINDS
+from bksdm_ext.train.config import DistillConfig, DreamBoothConfig
+from bksdm_ext.ui.tab import TabContext, _guarded, build_tab, form_fields, form_values
+
+
+def as_form(field):
+    """What the browser sends back for an untouched field (gradio Numbers are floats, lists are lines)."""
+    if field.type in ("list", "tuple"):
+        return "\n".join(field.default)
+    if field.type in ("int", "float") and field.default is not None:
+        return float(field.default)
+    return field.default
+
+
+@pytest.mark.parametrize("cls", [DistillConfig, DreamBoothConfig])
+def test_untouched_form_is_the_default_config(cls):
+    fields = form_fields(cls)
+    assert cls.from_dict(form_values(fields, [as_form(f) for f in fields])).to_dict() == cls().to_dict()
+
+
+def test_form_shows_the_kind_own_settings_first_with_help_and_choices():
+    fields = {f.name: f for f in form_fields(DistillConfig)}
+    names = list(fields)
+    assert names[:3] == ["teacher", "layout", "data"] and fields["resolution"].own is False
+    assert fields["layout"].choices == ("base", "small", "tiny") and fields["layout"].default == "small"
+    assert fields["learning_rate"].default == 5e-5 and "AdamW" in fields["learning_rate"].help
+    assert fields["sample_prompts"].type == "list"
+    # an emptied number keeps the config's default; a typed list is one prompt a line
+    values = form_values([fields["max_steps"], fields["sample_prompts"]], [None, "a cat\n\n  a dog \n"])
+    assert values == {"sample_prompts": ["a cat", "a dog"]}
+
+
+def test_tab_builds_for_every_kind_and_errors_are_text(tmp_path):
+    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS)
+    try:
+        tab = build_tab(TabContext(runner, AccessGuard(listen=True)))
+        ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
+        assert {"bksdm_distill_teacher", "bksdm_dreambooth_base_model", "bksdm_launch_distill", "bksdm_refresh",
+                "bksdm_loss_plot", "bksdm_samples", "bksdm_log", "bksdm_cancel", "bksdm_resume"} <= ids
+    finally:
+        runner.close()
+    from bksdm_ext.errors import BKSDMError
+
+    def user_error():
+        raise BKSDMError("Set teacher: a diffusers folder.")
+
+    def bug():
+        raise KeyError("x")
+
+    assert "Set teacher: a diffusers folder." in _guarded(user_error)
+    assert "Unexpected error" in _guarded(bug) and "Traceback" not in _guarded(bug)
