@@ -108,8 +108,11 @@ def install() -> None:
     script_callbacks.on_cfg_denoiser(_on_cfg_denoiser, name="bksdm_timings")
     script_callbacks.on_cfg_denoised(_on_cfg_denoised, name="bksdm_timings")
     script_callbacks.on_script_unloaded(SLOT.remove_hooks, name="bksdm_timings")
-    if getattr(shared, "sd_model", None) is not None:
-        _on_model_loaded(shared.sd_model)
+    from modules import sd_models
+
+    loaded = sd_models.model_data.sd_model  # not shared.sd_model: reading that would load a model
+    if loaded is not None:
+        _on_model_loaded(loaded)
 
 
 @_safely
