@@ -128,6 +128,10 @@ def test_pipeline_round_trip_is_bitwise_and_the_yaml_builds_the_unet(tmp_path, l
 
 def _as_fp16_variant(pipe):
     """Rewrite a pipeline the way nota-ai/bk-sdm-* publish fp16 variants (*.fp16.safetensors only)."""
+    index = io.read_json(pipe / "model_index.json")
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    io.write_json(pipe / "model_index.json", index)
     for part in ("unet", "vae", "text_encoder"):
         weights, file = io.read_component(pipe / part)
         name = "model.fp16.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.fp16.safetensors"
@@ -155,6 +159,17 @@ def test_cli_converts_fp16_variant_folder_with_half_and_inspects_it(tmp_path, ca
     assert f"unet {sum(t.numel() for t in small.parameters()):,}" in out
     assert f"unet float16 ({len(small.state_dict())})" in out
     assert "key check:   complete" in out and "metadata:    bksdm.layout = small" in out
+
+    assert main(["convert", str(single), str(tmp_path / "back"), "--tokenizer", str(pipe / "tokenizer")]) == 0
+    index = io.read_json(tmp_path / "back" / "model_index.json")
+    assert index["safety_checker"] == index["feature_extractor"] == [None, None]  # not carried over
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert (tmp_path / "back" / "tokenizer" / "merges.txt").is_file()
+    from diffusers import StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "back")  # diffusers and transformers accept it
+    assert loaded.safety_checker is None and loaded.unet.config.layers_per_block == 1
+    assert loaded.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
 def test_unet_only_both_ways(tmp_path, capsys):

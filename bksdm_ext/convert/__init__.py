@@ -118,7 +118,8 @@ def _tokenizer_source(path: Path) -> Path:
 def _write_component(folder: Path, tensors: io.StateDict, config: dict, weights_name: str, half: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     io.write_json(folder / "config.json", config)
-    io.write_safetensors(folder / weights_name, _cast(tensors, half))
+    # transformers refuses a safetensors file without this header entry; save_pretrained writes it too
+    io.write_safetensors(folder / weights_name, _cast(tensors, half), {"format": "pt"})
 
 
 def write_folder(model: Model, dst: Path, half: bool = False, tokenizer: Path | None = None) -> list[str]:
@@ -139,7 +140,7 @@ def write_folder(model: Model, dst: Path, half: bool = False, tokenizer: Path | 
                 _write_component(tmp / name, tensors, model.configs[name], names[name], half)
             (tmp / "scheduler").mkdir()
             io.write_json(tmp / "scheduler" / "scheduler_config.json", model.configs["scheduler"])
-            io.write_json(tmp / "model_index.json", model.configs["model_index"])
+            io.write_json(tmp / "model_index.json", checkpoint.written_model_index(model.configs["model_index"]))
             if tokenizer_dir:
                 shutil.copytree(tokenizer_dir, tmp / "tokenizer")
             else:

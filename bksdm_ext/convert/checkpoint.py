@@ -143,6 +143,13 @@ def model_index(components) -> dict:
             **{name: classes[name] for name in classes if name in components}}
 
 
+def written_model_index(index: dict) -> dict:
+    """`index` with the parts a converted folder does not carry (nota-ai's safety checker and its
+    feature extractor) set to None, so diffusers does not look for them."""
+    kept = {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    return {k: [None, None] if isinstance(v, list) and len(v) == 2 and k not in kept else v for k, v in index.items()}
+
+
 def complete_configs(configs: dict, weights: dict[str, StateDict], detection: UNetDetection, version: str) -> dict:
     """`configs` with every missing one a diffusers folder of `weights` needs derived."""
     configs = dict(configs)
