@@ -261,6 +261,20 @@ def test_bad_sources_and_destinations_are_refused_without_writing(tmp_path, tiny
     vocab = tiny_pipeline_v1 / "tokenizer" / "vocab.json"
     assert main(["inspect", str(vocab)]) == 2
     assert "unknown weights format" in capsys.readouterr().err
+    io.write_safetensors(tmp_path / "lora.safetensors", {"lora_unet_down.weight": torch.zeros(2)})
+    assert main(["inspect", str(tmp_path / "lora.safetensors")]) == 2
+    assert "No Stable Diffusion U-Net found" in capsys.readouterr().err
+
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"state_dict": {}, "callbacks": Payload()}, tmp_path / "evil.ckpt")
+    assert main(["convert", str(tmp_path / "evil.ckpt"), str(tmp_path / "evil.safetensors")]) == 2
+    assert "Convert it to .safetensors with a tool you trust" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "evil.safetensors").exists()
 
 
 def test_damaged_unet_is_refused_with_what_is_wrong(tmp_path):
