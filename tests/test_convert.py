@@ -219,6 +219,10 @@ def test_full_openclip_single_file_loses_only_what_sd2_never_runs(tmp_path):
     assert _equal(restored.weights["text_encoder"], io.read_component(pipe / "text_encoder")[0])
     assert restored.configs["text_encoder"]["num_hidden_layers"] == 2
     assert restored.configs["scheduler"]["prediction_type"] == "v_prediction"
+    convert(pipe, tmp_path / "as-base.safetensors", version="v2-base")  # the user overrides the scheduler
+    header = io.read_metadata(tmp_path / "as-base.safetensors")
+    assert header["bksdm.prediction_type"] == "epsilon"
+    assert json.loads(header["bksdm.diffusers_configs"])["scheduler"]["prediction_type"] == "epsilon"
 
 
 def test_single_file_without_metadata_gets_configs_from_its_shapes(tmp_path):

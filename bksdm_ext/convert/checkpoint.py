@@ -154,6 +154,8 @@ def complete_configs(configs: dict, weights: dict[str, StateDict], detection: UN
     """`configs` with every missing one a diffusers folder of `weights` needs derived."""
     configs = dict(configs)
     configs.setdefault("unet", unet_config(detection, version))
+    if "scheduler" in configs:  # a --version given by the user outranks the folder's scheduler
+        configs["scheduler"] = {**configs["scheduler"], "prediction_type": layouts.get_version(version).prediction_type}
     if "vae" in weights:
         configs.setdefault("vae", vae_config(weights["vae"], version))
     if "text_encoder" in weights:
