@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import _open, reject_reason, augment
+from .data import augment, open_rgb, reject_reason
 from .models import encode_images, encode_prompts
 
 SHARD = 512  # pairs per shard file
@@ -83,7 +83,7 @@ class LatentCache:
                          if reject_reason(path, max(1, self.resolution // 2)) is None]
                 if not group:
                     continue
-                pixels = torch.stack([augment(_open(p), self.resolution, True, False, random.Random(0))
+                pixels = torch.stack([augment(open_rgb(p), self.resolution, True, False, random.Random(0))
                                       for _, p, _ in group])
                 with torch.inference_mode():
                     latents.append(encode_images(parts["vae"], pixels, sample=False).to(torch.float16).cpu())

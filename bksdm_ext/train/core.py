@@ -461,6 +461,8 @@ class Job:
         self.progress = Progress(self.job_dir, config.max_steps, enabled=self.main)
         self.cancelled = CancelWatch(self.job_dir)
         self.timer = PhaseTimer()
+        self.say(f"{type(config).__name__} on {self.accelerator.num_processes} process(es), device {self.device}, "
+                 f"mixed precision {self.accelerator.mixed_precision}.")
         seed_everything(config.seed + self.accelerator.process_index)
         # noise and timesteps come from their own generator so that nothing else (data loader
         # start-up, library code) shifts them: a resumed run draws exactly what a straight one does

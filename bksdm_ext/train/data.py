@@ -80,7 +80,7 @@ def list_images(folder: str, name: str, allow_empty: bool = False) -> list[Path]
     if others:
         raise BKSDMError(f"{name} {root} holds files that are not images: {', '.join(others[:5])}. "
                          f"Keep only {', '.join(IMAGE_SUFFIXES)} files there.")
-    broken = [p.name for p in files if load_rgb(p, 1) is None]
+    broken = [p.name for p in files if reject_reason(p, 1) == "broken image"]
     if broken:
         raise BKSDMError(f"{name}: cannot read these images: {', '.join(broken[:5])}. Replace or remove them.")
     if not files and not allow_empty:
@@ -88,29 +88,29 @@ def list_images(folder: str, name: str, allow_empty: bool = False) -> list[Path]
     return files
 
 
-def load_rgb(path: Path, min_side: int):
-    """A PIL RGB image, or None for a broken, grayscale or too small one (the reason is `reject_reason`)."""
-    return None if reject_reason(path, min_side) else _open(path)
-
-
 def reject_reason(path: Path, min_side: int) -> str | None:
+    """Why an image cannot be trained on (broken, grayscale, too small), or None if it can."""
+    from PIL import Image
+
     try:
-        image = _open(path)
+        with Image.open(path) as image:
+            image.load()
+            mode, size = image.mode, image.size
     except Exception:  # PIL raises many types for a broken file
         return "broken image"
-    if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+    if mode in ("1", "L", "LA", "I", "I;16", "F"):
         return "grayscale"
-    if min(image.size) < min_side:
+    if min(size) < min_side:
         return "too small"
     return None
 
 
-def _open(path: Path):
+def open_rgb(path: Path):
+    """The image as RGB (palette and alpha images are colour images too)."""
     from PIL import Image
 
     with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB") if image.mode != "RGB" else image.copy()
+        return image.convert("RGB")
 
 
 def augment(image, resolution: int, center_crop: bool, flip: bool, rng: random.Random):
@@ -152,7 +152,7 @@ class CaptionedImages:
         if reason:
             return {"skipped": reason, "index": index}
         rng = random.Random(f"{self.seed}:{epoch}:{index}")
-        pixels = augment(_open(path), self.resolution, self.center_crop, self.random_flip, rng)
+        pixels = augment(open_rgb(path), self.resolution, self.center_crop, self.random_flip, rng)
         return {"pixels": pixels, "caption": caption, "index": index}
 
 

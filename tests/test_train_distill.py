@@ -1,0 +1,332 @@
+"""Distillation: loss terms, feature-KD hooks, the loop (overfit, resume, cancel, kill), outputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bksdm_ext import layouts
+from bksdm_ext.errors import BKSDMError
+from bksdm_ext.student import build_student
+from bksdm_ext.train import core, losses
+from bksdm_ext.train.config import DistillConfig
+from tiny import tiny_unet, tiny_unet_config
+from train_helpers import one_thread, one_thread_env, progress, run_module, small_settings, write_images  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- loss terms on fixed tensors ----------------------------------------------------------------
+
+
+def test_loss_terms_equal_hand_computed_values():
+    shape = (2, 4, 3, 3)
+    student, target, teacher = torch.zeros(shape), torch.full(shape, 2.0), torch.ones(shape)
+    f_student = [torch.zeros(2, 5), torch.ones(1, 7)]
+    f_teacher = [torch.full((2, 5), 3.0), torch.ones(1, 7) * 1.5]
+    total, terms = losses.distill_loss(student, teacher, target, f_student, f_teacher, (1.0, 2.0, 0.5))
+    assert terms["task"].item() == pytest.approx(4.0)  # (0 - 2)^2
+    assert terms["out_kd"].item() == pytest.approx(1.0)  # (0 - 1)^2
+    assert terms["feat_kd"].item() == pytest.approx(9.0 + 0.25)  # (0 - 3)^2 + (1 - 1.5)^2, each a mean
+    assert total.item() == pytest.approx(4.0 + 2 * 1.0 + 0.5 * 9.25)
+
+
+def test_v_prediction_target_is_velocity():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type="v_prediction")
+    latents, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    t = torch.tensor([10, 900])
+    alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents  # v = α_t ε − σ_t x0
+    assert torch.allclose(losses.diffusion_target(scheduler, latents, noise, t), expected, atol=1e-6)
+    scheduler.register_to_config(prediction_type="epsilon")
+    assert losses.diffusion_target(scheduler, latents, noise, t) is noise
+
+
+# --- feature-KD hooks ---------------------------------------------------------------------------
+
+STAGES = [f"down_blocks.{i}" for i in range(4)]
+PAPER_PAIRS = {  # BKSDM.md §3, written out by hand: (teacher, student)
+    "base": [(s, s) for s in STAGES] + [(f"up_blocks.{i}", f"up_blocks.{i}") for i in range(4)],
+    "small": [(s, s) for s in STAGES] + [(f"up_blocks.{i}", f"up_blocks.{i}") for i in range(4)],
+    "tiny": [("down_blocks.0", "down_blocks.0"), ("down_blocks.1", "down_blocks.1"),
+             ("down_blocks.2.attentions.1.proj_out", "down_blocks.2.attentions.0.proj_out"),
+             ("up_blocks.1", "up_blocks.0"), ("up_blocks.2", "up_blocks.1"), ("up_blocks.3", "up_blocks.2")],
+}
+
+
+@pytest.mark.parametrize("layout", ["base", "small", "tiny"])
+def test_hook_pairs_are_the_papers(layout):
+    assert sorted(layouts.feature_kd_pairs(layout)) == sorted(PAPER_PAIRS[layout])
+
+
+def _distill_backward(layout: str, checkpointing: bool):
+    teacher = tiny_unet("teacher")
+    student, _ = build_student(teacher, layout)
+    if checkpointing:
+        student.enable_gradient_checkpointing()
+    student.train()
+    teacher_tap, student_tap = losses.feature_taps(teacher, student, layout)
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([5, 500]), torch.randn(2, 6, 32)
+    with torch.inference_mode(), teacher_tap:
+        teacher_out = teacher(x, t, text).sample
+    teacher_out, teacher_features = teacher_out.clone(), [f.clone() for f in teacher_tap.outputs()]
+    with student_tap:
+        student_out = student(x, t, text).sample
+    student_features = student_tap.outputs()
+    for s, f in zip(student_features, teacher_features):
+        assert s.shape == f.shape
+    total, terms = losses.distill_loss(student_out, teacher_out, torch.randn_like(x), student_features,
+                                       teacher_features, (1.0, 1.0, 1.0))
+    total.backward()
+    return student, student_tap, terms
+
+
+@pytest.mark.parametrize("layout,checkpointing", [("base", False), ("small", False), ("tiny", False), ("tiny", True)])
+def test_every_student_parameter_receives_gradient(one_thread, layout, checkpointing):
+    student, _, terms = _distill_backward(layout, checkpointing)
+    assert terms["feat_kd"].item() > 0
+    no_grad = [n for n, p in student.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_tiny_proj_out_feature_carries_gradient_under_checkpointing(one_thread):
+    # the official code's reentrant checkpointing left this feature without a graph
+    _, tap, _ = _distill_backward("tiny", checkpointing=True)
+    assert tap.features["down_blocks.2.attentions.0.proj_out"].grad_fn is not None
+
+
+def test_taps_find_modules_on_the_unwrapped_model_and_survive_wrapping():
+    student = tiny_unet("small")
+    wrapped = torch.nn.Sequential(student)  # names gain a prefix, as under DDP's `module.`
+    tap = losses.FeatureTap(student, ["down_blocks.0", "up_blocks.3"])
+    with tap:
+        wrapped[0](torch.randn(1, 4, 8, 8), 3, encoder_hidden_states=torch.randn(1, 4, 32))
+    assert [f.shape[1] for f in tap.outputs()] == [32, 32]
+    with pytest.raises(ValueError, match="not in the model"):
+        losses.FeatureTap(wrapped, ["down_blocks.0"])
+
+
+# --- config and data ----------------------------------------------------------------------------
+
+
+def test_config_round_trips_and_validates(tmp_path, tiny_pipeline_v1):
+    data = write_images(tmp_path / "data", 2)
+    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), layout="tiny")
+    for name in ("c.toml", "c.json"):
+        config.save(tmp_path / name)
+        assert DistillConfig.load(tmp_path / name) == config
+    config.validate()
+    assert config.learning_rate == 5e-5 and config.train_batch_size * config.gradient_accumulation_steps == 256
+    assert DistillConfig.field_help()["lambda_feat_kd"]["help"]
+    bad = [
+        (dict(layout="huge"), "Unknown layout"),
+        (dict(layout="teacher"), "student layout"),
+        (dict(teacher=str(tmp_path / "nope")), "does not exist"),
+        (dict(data=str(tmp_path)), "no metadata"),
+        (dict(resolution=100), "multiple of 8"),
+    ]
+    for change, message in bad:
+        with pytest.raises(BKSDMError, match=message):
+            DistillConfig(**{**config.to_dict(), **change}).validate()
+    with pytest.raises(BKSDMError, match="Unknown distill setting"):
+        DistillConfig.from_dict({"teacher": "x", "learning_rat": 1})
+
+
+def test_bad_items_are_skipped_and_counted_and_an_unusable_dataset_refused(tmp_path, tiny_pipeline_v1, one_thread):
+    from PIL import Image
+
+    from bksdm_ext.train import distill
+    from bksdm_ext.train.data import read_metadata
+
+    data = write_images(tmp_path / "data", 3)
+    Image.new("L", (80, 80)).save(data / "gray.png")
+    Image.new("RGB", (10, 10)).save(data / "small.png")
+    (data / "broken.png").write_bytes(b"not a png")
+    lines = (data / "metadata.jsonl").read_text()
+    extra = ['{"file_name": "gray.png", "text": "g"}', '{"file_name": "small.png", "text": "s"}',
+             '{"file_name": "broken.png", "text": "b"}', '{"file_name": "missing.png", "text": "m"}',
+             '{"file_name": "0.png", "text": ""}']
+    (data / "metadata.jsonl").write_text(lines + "\n".join(extra) + "\n")
+    meta = read_metadata(str(data))
+    assert len(meta.items) == 6 and meta.skipped == {"missing file": 1, "missing caption": 1}
+
+    job = tmp_path / "job"
+    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **small_settings(train_batch_size=6,
+                                                                                          max_steps=1))
+    assert distill.train(config, job) == "done"
+    skipped = {r: n for r, n in core.load_checkpoint(core.checkpoint_dirs(job)[-1])[3]["skipped"].items()}
+    assert skipped == {"grayscale": 1, "too small": 1, "broken image": 1}
+
+    # nothing usable: refused before any model is loaded (the teacher path is never read)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"broken")
+    (bad / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "x"}\n')
+    with pytest.raises(BKSDMError, match="usable"):
+        distill.train(DistillConfig(teacher="nobody/nothing", data=str(bad), **small_settings()), tmp_path / "job2")
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def test_overfitting_eight_images_halves_the_loss(tmp_path, tiny_pipeline_v1, one_thread):
+    from bksdm_ext.train import distill
+
+    data = write_images(tmp_path / "data", 8)
+    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), layout="tiny", use_ema=False,
+                           **small_settings(train_batch_size=8, max_steps=50, learning_rate=2e-3, log_every=1))
+    assert distill.train(config, tmp_path / "job") == "done"
+    totals = [row["total"] for row in core.read_losses(tmp_path / "job")]
+    assert len(totals) == 50
+    first, last = totals[0], sum(totals[-5:]) / 5  # step 1's loss is the untrained student's
+    assert last < first / 2, (first, last)
+
+
+def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_pipeline_v1, one_thread):
+    from bksdm_ext.train import distill
+
+    data = write_images(tmp_path / "data", 5)
+    settings = small_settings(max_steps=4, train_batch_size=2, gradient_accumulation_steps=2, random_flip=True,
+                              center_crop=False)
+    straight = tmp_path / "straight"
+    distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), straight)
+    halves = tmp_path / "halves"
+    distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **{**settings, "max_steps": 2}), halves)
+    assert [p.name for p in core.checkpoint_dirs(halves)] == ["step-2"]
+    distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), halves, resume="latest")
+    a, b = core.read_losses(straight), core.read_losses(halves)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a, b):
+        for term in ("total", "task", "out_kd", "feat_kd"):
+            assert row_a[term] == pytest.approx(row_b[term], abs=1e-6), (row_a["step"], term)
+    final_a = core.load_checkpoint(core.checkpoint_dirs(straight)[-1])[0]
+    final_b = core.load_checkpoint(core.checkpoint_dirs(halves)[-1])[0]
+    for group in ("trainable", "ema"):
+        for key, tensor in final_a[group].items():
+            assert torch.allclose(tensor, final_b[group][key], atol=1e-6), key
+
+
+def test_single_file_output_loads_strictly_into_the_ldm_unet_from_our_yaml(tmp_path, tiny_pipeline_v1, one_thread):
+    import importlib
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from bksdm_ext.train import distill
+
+    data = write_images(tmp_path / "data", 2)
+    job = tmp_path / "job"
+    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), layout="tiny",
+                           **small_settings(max_steps=1, sample_every=1, sample_steps=2, sample_prompts=["a cat"]))
+    assert distill.train(config, job) == "done"
+    state = progress(job) if (job / "progress.json").exists() else {}
+    assert state["state"] == "done" and state["step"] == 1
+    assert (job / "samples" / "teacher-0.png").is_file() and (job / "samples" / "step-000001-0.png").is_file()
+    single = job / "output" / "bk-sdm-tiny.safetensors"
+    params = yaml.safe_load(single.with_suffix(".yaml").read_text())["model"]["params"]["unet_config"]
+    assert params["params"] == {**layouts.ldm_unet_params_from_config(tiny_unet_config("tiny")),
+                                **{k: params["params"][k] for k in ("use_checkpoint",)}}
+    module, name = params["target"].rsplit(".", 1)
+    unet = getattr(importlib.import_module(module), name)(**params["params"])
+    prefix = "model.diffusion_model."
+    weights = {k[len(prefix):]: v for k, v in load_file(str(single)).items() if k.startswith(prefix)}
+    unet.load_state_dict(weights, strict=True)
+    # the file holds the trained EMA student, not the teacher's tensors
+    from diffusers import UNet2DConditionModel
+
+    trained = UNet2DConditionModel.from_pretrained(job / "output" / "bk-sdm-tiny", subfolder="unet")
+    ema = core.load_checkpoint(core.checkpoint_dirs(job)[-1])[0]["ema"]
+    for key, tensor in trained.state_dict().items():
+        assert torch.equal(tensor, ema[f"student.{key}"]), key
+
+
+def test_cancel_file_saves_a_checkpoint_and_reports_cancelled(tmp_path, tiny_pipeline_v1):
+    data = write_images(tmp_path / "data", 4)
+    job = tmp_path / "job"
+    job.mkdir()
+    DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **small_settings(max_steps=10_000)).save(
+        job / "config.toml")
+    process = subprocess.Popen([sys.executable, "-m", "bksdm_ext.train", "distill", "--job-dir", str(job)], cwd=REPO,
+                               env=one_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: (job / "progress.json").exists() and progress(job)["step"] >= 2, process)
+        (job / "cancel").touch()
+        assert process.wait(120) == 0
+    finally:
+        process.kill()
+    state = progress(job)
+    assert state["state"] == "cancelled" and state["step"] >= 2
+    assert core.checkpoint_dirs(job)[-1].name == f"step-{state['step']}"
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_resumable(tmp_path, tiny_pipeline_v1):
+    data = write_images(tmp_path / "data", 4)
+    job = tmp_path / "job"
+    job.mkdir()
+    settings = small_settings(max_steps=10_000, checkpoint_every=1, checkpoints_keep=2, log_every=50)
+    DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings).save(job / "config.toml")
+    process = subprocess.Popen([sys.executable, "-m", "bksdm_ext.train", "distill", "--job-dir", str(job)], cwd=REPO,
+                               env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = job / "checkpoints"
+    try:
+        _wait_for(lambda: len(core.checkpoint_dirs(job)) >= 2, process)
+        while not any(p.name.startswith(".tmp-") and any(p.iterdir()) for p in checkpoints.iterdir()):
+            assert process.poll() is None
+        process.send_signal(signal.SIGKILL)  # mid-write: the temp folder already holds files
+        process.wait(30)
+    finally:
+        process.kill()
+    partial = [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]
+    assert partial, "the kill should have hit a checkpoint being written"
+    last = core.checkpoint_dirs(job)[-1]
+    tensors, training, rng, state = core.load_checkpoint(last)
+    assert state["step"] == int(last.name.split("-")[1]) and "optimizer" in training and rng
+    assert int(partial[0].name.rsplit("-", 1)[1]) > state["step"]
+
+    # resume from it: two more steps, and the partial folder is cleaned up by the next save
+    DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
+                  **{**settings, "max_steps": state["step"] + 2}).save(job / "config.toml")
+    result = run_module(["bksdm_ext.train", "distill", "--job-dir", str(job), "--resume", "latest"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Resumed from {last}" in result.stdout
+    assert progress(job)["state"] == "done" and progress(job)["step"] == state["step"] + 2
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_run_has_two_ranks_and_firing_hooks(tmp_path, tiny_pipeline_v1):
+    data = write_images(tmp_path / "data", 4)
+    job = tmp_path / "job"
+    job.mkdir()
+    DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **small_settings(max_steps=2)).save(job / "config.toml")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = one_thread_env()
+    result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                             "-m", "bksdm_ext.train", "distill", "--job-dir", str(job)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout
+    state = progress(job)
+    assert state["state"] == "done" and state["losses"]["feat_kd"] > 0  # taps raise if a hook did not fire
+    assert len(list((core.checkpoint_dirs(job)[-1]).glob("rng-*.safetensors"))) == 2
+    assert (job / "output" / "bk-sdm-small.safetensors").is_file()
+
+
+def _wait_for(condition, process, timeout: float = 240):
+    end = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the training process ended early"
+        assert time.time() < end, "timed out"
+        time.sleep(0.05)

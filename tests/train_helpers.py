@@ -1,0 +1,66 @@
+"""Shared pieces of the training tests: a small captioned image folder, job folders, subprocess runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_images(folder: Path, count: int = 8, size=(72, 80), seed: int = 0, metadata: bool = True) -> Path:
+    """`count` random colour PNGs (and a metadata.jsonl with a caption each)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        # smooth colour fields rather than pure noise, so a model can fit them
+        base = rng.integers(0, 255, (4, 4, 3)).astype(np.uint8)
+        image = Image.fromarray(base).resize(size, Image.BILINEAR)
+        image.save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"a picture of thing number {i}"})
+    if metadata:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def small_settings(**overrides) -> dict:
+    """Fast settings for tiny models: fp32, 64 px, no samples, one loader process."""
+    settings = dict(resolution=64, train_batch_size=2, gradient_accumulation_steps=1, max_steps=4,
+                    checkpoint_every=0, sample_every=0, log_every=1, num_workers=0, mixed_precision="no")
+    settings.update(overrides)
+    return settings
+
+
+def one_thread_env() -> dict:
+    """Environment for training subprocesses: tiny models run fastest on one thread, and offline."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
+
+
+def run_module(args: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=one_thread_env(), capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def progress(job_dir: Path) -> dict:
+    return json.loads((job_dir / "progress.json").read_text())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are overhead-bound; extra threads only contend (and this machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
