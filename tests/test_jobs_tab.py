@@ -39,10 +39,15 @@ def test_form_shows_the_kind_own_settings_first_with_help_and_choices():
 def test_tab_builds_for_every_kind_and_errors_are_text(tmp_path):
     runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS)
     try:
-        tab = build_tab(TabContext(runner, AccessGuard(listen=True)))
+        context = TabContext(runner, AccessGuard(listen=True))
+        tab = build_tab(context)
         ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
         assert {"bksdm_distill_teacher", "bksdm_dreambooth_base_model", "bksdm_launch_distill", "bksdm_refresh",
-                "bksdm_loss_plot", "bksdm_samples", "bksdm_log", "bksdm_cancel", "bksdm_resume"} <= ids
+                "bksdm_loss_plot", "bksdm_samples", "bksdm_log", "bksdm_cancel", "bksdm_resume",
+                "bksdm_tab_timings"} <= ids
+        banners = [b.value for b in tab.blocks.values() if isinstance(getattr(b, "value", None), str)]
+        assert any("Jobs are disabled on this server: --listen binds 0.0.0.0" in v for v in banners)
+        assert context.timings_path() == runner.data_dir / "timings.sqlite3"
     finally:
         runner.close()
     from bksdm_ext.errors import BKSDMError

@@ -9,7 +9,7 @@ from pathlib import Path
 def add_commands(sub) -> None:
     p = sub.add_parser("app", help="the BK-SDM tab and job runner in the browser, without the WebUI")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="where the job store and job folders live (default: the per-user data folder)")
+                   help="where the job store, job folders and timings live (default: $BKSDM_DATA_DIR, else ~/.bksdm)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but loopback refuses jobs unless the next flag is given")
     p.add_argument("--port", type=int, default=7870)

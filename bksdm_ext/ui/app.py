@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import gradio as gr
@@ -16,10 +15,8 @@ from .tab import JAVASCRIPT, TabContext, build_tab
 
 
 def default_data_dir() -> Path:
-    """Per-user data folder: %LOCALAPPDATA%\\bksdm on Windows, $XDG_DATA_HOME/bksdm elsewhere."""
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "bksdm"
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "bksdm"
+    """$BKSDM_DATA_DIR, else ~/.bksdm: where the command line keeps its timings too."""
+    return Path(os.environ.get("BKSDM_DATA_DIR") or Path.home() / ".bksdm")
 
 
 def create_app(runner: Runner, guard: AccessGuard) -> FastAPI:

@@ -36,6 +36,14 @@ class TabContext:
     guard: AccessGuard
     # The WebUI adapter's words about its model while our jobs hold the GPU (VRAM hand-off).
     handoff_note: str = "The WebUI's model is unloaded while BK-SDM jobs use the GPU; it is reloaded when the queue is empty."
+    # The Timings view: its store (default: timings.sqlite3 in the runner's data folder, as the WebUI
+    # keeps it) and, in the WebUI, the benchmark action and the checkpoints it can run.
+    timings_store: Callable[[], Path] | None = None
+    benchmark: Callable | None = None
+    checkpoint_choices: Callable[[], list[str]] | None = None
+
+    def timings_path(self) -> Path:
+        return self.timings_store() if self.timings_store else self.runner.data_dir / "timings.sqlite3"
 
 
 # --- forms from config dataclasses -------------------------------------------------------------
@@ -318,5 +326,5 @@ def build_tab(context: TabContext) -> gr.Blocks:
                 build_timings_view = None
             if build_timings_view is not None:
                 with gr.Tab("Timings", elem_id="bksdm_tab_timings"):
-                    build_timings_view(context)
+                    build_timings_view(context.timings_path, context.benchmark, context.checkpoint_choices)
     return tab
