@@ -60,3 +60,32 @@ def test_tab_builds_for_every_kind_and_errors_are_text(tmp_path):
 
     assert "Set teacher: a diffusers folder." in _guarded(user_error)
     assert "Unexpected error" in _guarded(bug) and "Traceback" not in _guarded(bug)
+
+
+def test_user_mistakes_in_the_distill_form_are_readable_and_make_no_job(tmp_path):
+    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS)
+    try:
+        from bksdm_ext.errors import BKSDMError
+
+        for values, message in (
+            ({"teacher": str(tmp_path / "nowhere")}, "teacher .*nowhere does not exist"),
+            ({"teacher": str(tmp_path), "data": str(tmp_path)}, "without unet/config.json"),
+            ({"layout": "huge"}, "huge"),
+            ({"resolution": 100}, "multiple of 8"),
+        ):
+            with pytest.raises(BKSDMError, match=message):
+                runner.submit("distill", values)
+        assert runner.list() == []
+    finally:
+        runner.close()
+
+
+def test_form_defaults_of_the_host_replace_the_config_defaults(tmp_path):
+    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS)
+    try:
+        context = TabContext(runner, AccessGuard(), form_defaults={"distill": {"output_dir": "/models/Stable-diffusion"}})
+        tab = build_tab(context)
+        output = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "bksdm_distill_output_dir")
+        assert output.value == "/models/Stable-diffusion"
+    finally:
+        runner.close()

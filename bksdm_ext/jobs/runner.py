@@ -245,6 +245,8 @@ class Runner:
             job = self.store.get(job_id)
             if job.state in ACTIVE_STATES:
                 raise BKSDMError(f"Job {job_id} is {job.state}; cancel it and wait until it stops before deleting it.")
+            if Path(job.folder).resolve().parent != self.jobs_dir.resolve():
+                raise BKSDMError(f"Job {job_id}'s folder {job.folder} is not in {self.jobs_dir}; delete it by hand.")
             try:
                 shutil.rmtree(job.folder)
             except FileNotFoundError:

@@ -41,6 +41,9 @@ class TabContext:
     timings_store: Callable[[], Path] | None = None
     benchmark: Callable | None = None
     checkpoint_choices: Callable[[], list[str]] | None = None
+    # Form defaults that differ where the tab runs, by kind: e.g. in the WebUI, output_dir = its
+    # models/Stable-diffusion folder, so a finished model appears in the checkpoint list.
+    form_defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def timings_path(self) -> Path:
         return self.timings_store() if self.timings_store else self.runner.data_dir / "timings.sqlite3"
@@ -133,6 +136,8 @@ def _form(context: TabContext, kind: JobKind) -> None:
     except BKSDMError as error:
         gr.Markdown(str(error))
         return
+    overrides = context.form_defaults.get(kind.name, {})
+    fields = [dataclasses.replace(f, default=overrides[f.name]) if f.name in overrides else f for f in fields]
     components = []
     own = [f for f in fields if f.own]
     rest = [f for f in fields if not f.own]
