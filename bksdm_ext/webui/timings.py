@@ -15,8 +15,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from modules import devices, script_callbacks, shared
 
+from ..errors import BKSDMError
+from ..timings import stats
 from ..timings.device import describe_cached
 from ..timings.protocol import Protocol
 from ..timings.recorder import GenerationRecorder, RecorderSlot
@@ -103,7 +107,8 @@ def _on_cfg_denoised(params) -> None:
 
 
 def install() -> None:
-    """Register the callbacks; the WebUI drops them on reload and calls this again."""
+    """Register the callbacks and API routes; the WebUI drops them on reload and calls this again."""
+    script_callbacks.on_app_started(lambda demo, app: routes(app), name="bksdm_timings")
     script_callbacks.on_model_loaded(_on_model_loaded, name="bksdm_timings")
     script_callbacks.on_cfg_denoiser(_on_cfg_denoiser, name="bksdm_timings")
     script_callbacks.on_cfg_denoised(_on_cfg_denoised, name="bksdm_timings")
@@ -231,8 +236,6 @@ def _load_checkpoint(title: str) -> None:
 
     info = sd_models.get_closet_checkpoint_match(title)
     if info is None:
-        from ..errors import BKSDMError
-
         raise BKSDMError(f"No checkpoint named {title!r}: refresh the checkpoint list and pick one from it.")
     shared.opts.set("sd_model_checkpoint", info.title)
     sd_models.reload_model_weights()
@@ -267,3 +270,47 @@ def run_benchmark(checkpoint_titles: list[str], protocol: Protocol, progress=pri
         finally:
             _load_checkpoint(original)
     return records
+
+
+def checkpoint_titles() -> list[str]:
+    """What the benchmark can compare: the WebUI's checkpoint list."""
+    from modules import sd_models
+
+    return sd_models.checkpoint_tiles()
+
+
+class BenchmarkRequest(BaseModel):
+    checkpoints: list[str]
+    images: int = Protocol.images
+    warmup: int = Protocol.warmup
+    width: int = Protocol.width
+    height: int = Protocol.height
+    steps: int = Protocol.steps
+    sampler: str = Protocol.sampler
+    cfg_scale: float = Protocol.cfg_scale
+    seed: int = Protocol.seed
+
+
+def routes(app) -> None:
+    """GET /bksdm/v1/timings (the grouped table) and POST /bksdm/v1/timings/benchmark."""
+    from dataclasses import asdict
+
+    from fastapi import HTTPException
+
+    @app.get("/bksdm/v1/timings")
+    def timings_table(reference: str = "", source: str = ""):
+        records = stats.filter_records(open_store().records(), source=source or None)
+        return {"records": len(records), "groups": [asdict(row) for row in stats.group(records, reference or None)]}
+
+    @app.post("/bksdm/v1/timings/benchmark")
+    def benchmark(request: BenchmarkRequest):
+        protocol = Protocol(images=request.images, warmup=request.warmup, width=request.width, height=request.height,
+                            steps=request.steps, sampler=request.sampler, cfg_scale=request.cfg_scale,
+                            seed=request.seed)
+        try:
+            records = run_benchmark(request.checkpoints, protocol)
+        except BKSDMError as error:
+            raise HTTPException(status_code=400, detail=str(error)) from error
+        reference = records[0].checkpoint if records else None
+        return {"run_id": records[0].run_id if records else "", "records": len(records),
+                "groups": [asdict(row) for row in stats.group(records, reference)]}
