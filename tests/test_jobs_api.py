@@ -51,8 +51,13 @@ def test_create_get_cancel_resume_delete(runner, client_for):
     wait_for(runner, job["id"], "done")
     done = api.get(f"/bksdm/v1/jobs/{job['id']}").json()
     assert done["progress"]["step"] == 60 and done["attempts"] == 2
+    again = api.post(f"/bksdm/v1/jobs/{job['id']}/relaunch", params={"request_id": "again-1"}).json()
+    assert again["id"] != job["id"] and again["kind"] == "count"
+    assert api.post(f"/bksdm/v1/jobs/{job['id']}/relaunch", params={"request_id": "again-1"}).json()["id"] == again["id"]
+    api.post(f"/bksdm/v1/jobs/{again['id']}/cancel")
+    wait_for(runner, again["id"], "cancelled")
     assert api.delete(f"/bksdm/v1/jobs/{job['id']}").json() == {"deleted": job["id"]}
-    assert api.get("/bksdm/v1/jobs").json() == []
+    assert [j["id"] for j in api.get("/bksdm/v1/jobs").json()] == [again["id"]]
 
 
 def test_errors_are_readable_json(runner, client_for):

@@ -1,5 +1,8 @@
 """The REST API `/bksdm/v1/jobs`: the same runner behind the WebUI's FastAPI app and `bksdm app`.
 
+GET /jobs, POST /jobs {kind, config, request_id}, GET /jobs/ID, POST /jobs/ID/cancel,
+POST /jobs/ID/resume, POST /jobs/ID/relaunch (a new job from its config.toml), DELETE /jobs/ID.
+
 Reading (list, get) is always allowed; creating, cancelling, resuming and deleting jobs pass the
 access guard. Errors are JSON `{"detail": message}`: 403 refused by the guard, 404 no such job,
 400 anything else the user can fix.
@@ -80,6 +83,13 @@ def jobs_router(runner: Runner, guard: AccessGuard) -> APIRouter:
             guard.check("Resuming a job")
             return job_view(runner, runner.resume(job_id))
         return _answer(resume)
+
+    @router.post("/jobs/{job_id}/relaunch")
+    def relaunch_job(job_id: str, request_id: str | None = None) -> dict[str, Any]:
+        def relaunch():
+            guard.check("Launching a job")
+            return job_view(runner, runner.relaunch(job_id, request_id))
+        return _answer(relaunch)
 
     @router.delete("/jobs/{job_id}")
     def delete_job(job_id: str) -> dict[str, Any]:

@@ -244,6 +244,7 @@ def _jobs(context: TabContext) -> None:
         refresh = gr.Button("Refresh", elem_id="bksdm_refresh")
         cancel = gr.Button("Cancel", elem_id="bksdm_cancel")
         resume = gr.Button("Resume", elem_id="bksdm_resume")
+        relaunch = gr.Button("Re-launch", elem_id="bksdm_relaunch")
         delete = gr.Button("Delete", elem_id="bksdm_delete", variant="stop")
         open_output = gr.Button("Open output folder", elem_id="bksdm_open_output")
     action_result = gr.HTML(elem_id="bksdm_action_result")
@@ -306,6 +307,7 @@ def _jobs(context: TabContext) -> None:
     for button, action, what in (
         (cancel, lambda j: f"{j}: {runner.cancel(j).message}", "Cancelling a job"),
         (resume, lambda j: f"{j}: {runner.resume(j).message}", "Resuming a job"),
+        (relaunch, lambda j: f"New job {runner.relaunch(j).id} from {j}'s config.toml.", "Launching a job"),
         (delete, lambda j: (runner.delete(j), f"Deleted {j} and its folder.")[1], "Deleting a job"),
         (open_output, lambda j: _open_folder(str(Path(runner.get(j).folder) / "output")), "Opening a server folder"),
     ):
