@@ -112,12 +112,18 @@ def write_clip_tokenizer(directory: str | os.PathLike) -> Path:
 def write_tiny_pipeline(directory: str | os.PathLike, layout: str = "teacher", version: str = "v1",
                         seed: int = 0, unet=None) -> Path:
     """A diffusers StableDiffusionPipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    return write_pipeline(directory, unet or tiny_unet(layout, version, seed), tiny_vae(seed),
+                          tiny_text_encoder(version, seed), version)
+
+
+def write_pipeline(directory: str | os.PathLike, unet, vae, text_encoder, version: str, variant=None) -> Path:
+    """A pipeline folder as published (nota-ai/bk-sdm-*: unet/ vae/ text_encoder/ tokenizer/ scheduler/)."""
     from diffusers import PNDMScheduler
 
     directory = Path(directory)
-    (unet or tiny_unet(layout, version, seed)).save_pretrained(directory / "unet")
-    tiny_vae(seed).save_pretrained(directory / "vae")
-    tiny_text_encoder(version, seed).save_pretrained(directory / "text_encoder")
+    unet.save_pretrained(directory / "unet", variant=variant)
+    vae.save_pretrained(directory / "vae", variant=variant)
+    text_encoder.save_pretrained(directory / "text_encoder", variant=variant)
     write_clip_tokenizer(directory / "tokenizer")
     prediction = layouts.get_version(version).prediction_type
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
@@ -130,3 +136,57 @@ def write_tiny_pipeline(directory: str | os.PathLike, layout: str = "teacher", v
         "feature_extractor": [None, None], "requires_safety_checker": False,
     }))
     return directory
+
+
+# --- full size, random: for the real-WebUI tests (shapes of the published models) ---------------
+
+SD_VAE_CONFIG = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                     up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4,
+                     norm_num_groups=32, sample_size=512)
+
+
+def text_encoder_config(version: str):
+    from transformers import CLIPTextConfig
+
+    if version == "v1":  # openai/clip-vit-large-patch14's text tower
+        return CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                              num_hidden_layers=12, hidden_act="quick_gelu", projection_dim=768)
+    # OpenCLIP ViT-H-14's text tower as SD-2 diffusers folders ship it: 23 of its 24 blocks
+    return CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                          num_hidden_layers=23, hidden_act="gelu", projection_dim=512)
+
+
+def random_full_size(cls, config, seed: int, dtype=torch.float16):
+    """A model of `cls` with N(0, 0.02) weights, norms at 1 and biases at 0; built without slow init."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    with init_empty_weights(include_buffers=False):
+        model = cls(config) if not isinstance(config, dict) else cls(**config)
+    generator = torch.Generator().manual_seed(seed)
+    norms = {name for name, m in model.named_modules()
+             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
+    for name, param in list(model.named_parameters()):
+        module, _, kind = name.rpartition(".")
+        if module in norms:
+            value = torch.ones(param.shape) if kind == "weight" else torch.zeros(param.shape)
+        elif kind == "bias":
+            value = torch.zeros(param.shape)
+        else:
+            value = torch.randn(param.shape, generator=generator) * 0.02
+        set_module_tensor_to_device(model, name, "cpu", value=value.to(dtype))
+    return model.eval()
+
+
+def write_full_size_pipeline(directory: str | os.PathLike, layout: str, version: str, seed: int = 0) -> Path:
+    """A full-size random pipeline folder in fp16 (about 1.5-2.5 GB), as the published ones are laid out."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return write_pipeline(
+        directory,
+        random_full_size(UNet2DConditionModel, layouts.unet_config(layout, version), seed),
+        random_full_size(AutoencoderKL, SD_VAE_CONFIG, seed + 1),
+        random_full_size(CLIPTextModel, text_encoder_config(version), seed + 2),
+        version, variant="fp16",
+    )

@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 
 import torch
+from fastapi import HTTPException
 from modules import sd_models, shared
+from pydantic import BaseModel
 
 from .. import layouts
 from ..errors import BKSDMError
@@ -80,16 +82,14 @@ def verify_loaded_unet(seed: int = 0, latent: int = 8) -> dict:
             "max_abs_diff": (ours - theirs).abs().max().item(), "output_std": theirs.std().item()}
 
 
+class ImportRequest(BaseModel):
+    source: str
+    name: str = ""
+    half: bool = True
+
+
 def routes(app, guard) -> None:
     """/bksdm/v1/model… on the WebUI's FastAPI app."""
-    from fastapi import HTTPException
-    from pydantic import BaseModel
-
-    class ImportRequest(BaseModel):
-        source: str
-        name: str = ""
-        half: bool = True
-
     def answer(action):
         try:
             return action()
