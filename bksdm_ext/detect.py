@@ -189,7 +189,8 @@ def detect_unet(state_dict: dict) -> UNetDetection:
                          f"BK-SDM layouts exist for SD-1.x and SD-2.x only: {_supported()}.")
     in_channels = unet[_ANCHORS[naming]].shape[1]
     if in_channels != 4:
-        kind = {9: "an inpainting", 8: "an instruct-pix2pix", 5: "a depth-conditioned"}.get(in_channels, "a non-text-to-image")
+        kinds = {9: "an inpainting", 8: "an instruct-pix2pix", 5: "a depth-conditioned"}
+        kind = kinds.get(in_channels, "a non-text-to-image")
         raise BKSDMError(f"This is {kind} U-Net ({in_channels} input channels). BK-SDM layouts are text-to-image "
                          f"U-Nets with 4 input channels: {_supported()}.")
     layout = match_layout(*_structure(unet.keys(), naming), naming)

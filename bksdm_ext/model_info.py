@@ -76,6 +76,7 @@ def model_info(path: str | os.PathLike) -> ModelInfo:
     return ModelInfo(
         path, form, detection, decision, problem,
         {name: sum(t.numel() for t in part.values() if t.is_floating_point()) for name, part in parts.items()},
-        {name: dict(Counter(str(t.dtype).removeprefix("torch.") for t in part.values())) for name, part in parts.items()},
+        {name: dict(Counter(str(t.dtype).removeprefix("torch.") for t in part.values()))
+         for name, part in parts.items()},
         {k: v for k, v in metadata.items() if k.startswith("bksdm.")},
     )

@@ -98,7 +98,8 @@ def test_version_sources_in_order(tiny_unets):
     v2 = tiny_unets["base", "v2-base"]
     found = detect.detect_unet(v2)
     assert detect.resolve_version(found, v2, requested="v2-768") == detect.VersionDecision("v2-768", "requested")
-    assert detect.resolve_version(found, v2, {"bksdm.version": "v2-768"}) == detect.VersionDecision("v2-768", "metadata")
+    by_metadata = detect.resolve_version(found, v2, {"bksdm.version": "v2-768"})
+    assert by_metadata == detect.VersionDecision("v2-768", "metadata")
     assert detect.resolve_version(found, v2, {"bksdm.prediction_type": "v_prediction"}).version == "v2-768"
     by_scheduler = detect.resolve_version(found, v2, scheduler_config={"prediction_type": "v_prediction"})
     assert by_scheduler == detect.VersionDecision("v2-768", "scheduler config")

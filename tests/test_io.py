@@ -108,7 +108,8 @@ def test_diffusers_folder_reads_fp16_variants_and_bin(tmp_path):
     torch.save({"text_model.w": torch.zeros(3)}, text / "pytorch_model.bin")
     io.write_json(tmp_path / "model_index.json", {"_class_name": "StableDiffusionPipeline"})
     folder = io.read_diffusers_folder(tmp_path)
-    assert folder.files == {"unet": unet / "diffusion_pytorch_model.fp16.safetensors", "text_encoder": text / "pytorch_model.bin"}
+    assert folder.files == {"unet": unet / "diffusion_pytorch_model.fp16.safetensors",
+                            "text_encoder": text / "pytorch_model.bin"}
     assert folder.weights["unet"]["conv_in.weight"].dtype == torch.float16
     assert folder.configs["unet"] == {"layers_per_block": 1} and folder.is_pipeline
     with pytest.raises(BKSDMError, match="not a diffusers folder"):

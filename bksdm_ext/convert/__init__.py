@@ -37,12 +37,10 @@ class Model:
 
 
 def describe_mismatch(detection: UNetDetection, limit: int = 3) -> str:
-    parts = []
-    for name, keys in (("missing", detection.missing), ("unexpected", detection.unexpected),
-                       ("mismatched", [f"{k} {list(found)} (expected {list(want)})" for k, found, want in detection.mismatched])):
-        if keys:
-            parts.append(f"{len(keys)} {name} (e.g. {', '.join(list(keys)[:limit])})")
-    return "; ".join(parts)
+    """The key check in words, with `limit` examples of each kind of problem."""
+    mismatched = [f"{k} {list(found)} (expected {list(want)})" for k, found, want in detection.mismatched]
+    kinds = (("missing", detection.missing), ("unexpected", detection.unexpected), ("mismatched", mismatched))
+    return "; ".join(f"{len(keys)} {name} (e.g. {', '.join(list(keys)[:limit])})" for name, keys in kinds if keys)
 
 
 def _checked(detection: UNetDetection) -> UNetDetection:
@@ -68,8 +66,11 @@ def load_model(src: str | os.PathLike, version: str | None = None) -> Model:
     weights, dropped = checkpoint.split_single_file(tensors, detection)
     configs = checkpoint.complete_configs(checkpoint.configs_from_header(metadata), weights, detection,
                                           decision.version)
-    notes = [f"Left out {len(dropped)} tensors no diffusers component uses (e.g. {', '.join(dropped[:3])})."] if dropped else []
-    return Model(weights, configs, detection, decision, metadata.get("bksdm.source") or f"single-file:{src.name}", notes)
+    notes = []
+    if dropped:
+        notes.append(f"Left out {len(dropped)} tensors no diffusers component uses (e.g. {', '.join(dropped[:3])}).")
+    source = metadata.get("bksdm.source") or f"single-file:{src.name}"
+    return Model(weights, configs, detection, decision, source, notes)
 
 
 def load_unet_from_single_file(path: str | os.PathLike, dtype: torch.dtype | None = None, version: str | None = None):
@@ -132,7 +133,8 @@ def write_folder(model: Model, dst: Path, half: bool = False, tokenizer: Path | 
     lines = []
     try:
         if not model.is_pipeline:
-            _write_component(tmp, model.weights["unet"], model.configs["unet"], "diffusion_pytorch_model.safetensors", half)
+            _write_component(tmp, model.weights["unet"], model.configs["unet"], "diffusion_pytorch_model.safetensors",
+                             half)
         else:
             names = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                      "text_encoder": "model.safetensors"}

@@ -110,9 +110,11 @@ def vae_config(tensors: StateDict, version: str) -> dict:
     levels, layers = keymaps.vae_shape(tensors, "diffusers")
     return {
         "_class_name": "AutoencoderKL", "act_fn": "silu", "norm_num_groups": 32, "scaling_factor": 0.18215,
-        "block_out_channels": [tensors[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)],
+        "block_out_channels": [tensors[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                               for i in range(levels)],
         "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "in_channels": tensors["encoder.conv_in.weight"].shape[1], "out_channels": tensors["decoder.conv_out.weight"].shape[0],
+        "in_channels": tensors["encoder.conv_in.weight"].shape[1],
+        "out_channels": tensors["decoder.conv_out.weight"].shape[0],
         "latent_channels": tensors["post_quant_conv.weight"].shape[0], "layers_per_block": layers,
         "sample_size": layouts.get_version(version).sample_size * 8,
     }

@@ -119,7 +119,8 @@ def vae_table(levels: int, layers: int) -> KeyTable:
 
 def vae_shape(tensors: StateDict, naming: str) -> tuple[int, int]:
     """(levels, resnets per encoder level) of a VAE state dict in either naming."""
-    pattern = r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\." if naming == "diffusers" else r"encoder\.down\.(\d+)\.block\.(\d+)\."
+    pattern = (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\." if naming == "diffusers"
+               else r"encoder\.down\.(\d+)\.block\.(\d+)\.")
     found = [tuple(map(int, m.groups())) for k in tensors if (m := re.match(pattern, k))]
     if not found:
         raise BKSDMError("The VAE has no encoder blocks: it is incomplete or not an SD VAE.")
@@ -170,5 +171,6 @@ def openclip_table(layers: int) -> KeyTable:
 
 
 def text_layers(tensors: StateDict, naming: str) -> int:
-    pattern = r"text_model\.encoder\.layers\.(\d+)\." if naming == "diffusers" else r"model\.transformer\.resblocks\.(\d+)\."
+    pattern = (r"text_model\.encoder\.layers\.(\d+)\." if naming == "diffusers"
+               else r"model\.transformer\.resblocks\.(\d+)\.")
     return max((int(m.group(1)) for k in tensors if (m := re.match(pattern, k))), default=-1) + 1
