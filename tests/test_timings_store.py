@@ -120,3 +120,12 @@ def test_import_of_a_file_that_is_not_a_timings_csv_says_so(tmp_path):
             store.import_csv(tmp_path / "other.csv")
         with pytest.raises(BKSDMError, match="Cannot read"):
             store.import_csv(tmp_path / "missing.csv")
+
+
+def test_one_store_shared_by_threads_loses_no_row(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with TimingStore(tmp_path / "t.sqlite3") as store:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: (store.add(make_record(i)), store.records("seed = ?", (1234 + i,))), range(400)))
+        assert store.count() == 400

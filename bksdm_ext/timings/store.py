@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -138,12 +139,13 @@ def _parse(name: str, text: str):
 
 
 class TimingStore:
-    """The records of one SQLite file. Open one per process (connections are not shared)."""
+    """The records of one SQLite file: one connection, usable from several threads of one process."""
 
     def __init__(self, path: str | os.PathLike, keep: int | None = None):
         self.path = Path(path)
         self.keep = keep  # retention: the newest `keep` records survive each insert
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()  # one transaction at a time on the shared connection
         self._db = self._open()
 
     def _connect(self) -> sqlite3.Connection:
@@ -228,15 +230,19 @@ class TimingStore:
                 db.execute("ROLLBACK")
                 raise
 
-        return _retry(write)
+        with self._lock:
+            return _retry(write)
 
     def records(self, where: str = "", params: tuple = ()) -> list[GenerationRecord]:
         """Records oldest first; `where` is an SQL condition over the field names."""
         sql = f"SELECT {', '.join(FIELDS)} FROM {TABLE}" + (f" WHERE {where}" if where else "") + " ORDER BY time"
-        return [_row_to_record(row) for row in _retry(lambda: self._db.execute(sql, params).fetchall())]
+        with self._lock:
+            rows = _retry(lambda: self._db.execute(sql, params).fetchall())
+        return [_row_to_record(row) for row in rows]
 
     def count(self) -> int:
-        return _retry(lambda: self._db.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0])
+        with self._lock:
+            return _retry(lambda: self._db.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0])
 
     def export_csv(self, path: str | os.PathLike) -> int:
         """Write every record to a CSV file (atomically); returns the number of rows."""

@@ -4,8 +4,9 @@ The AlwaysVisible script in `scripts/bksdm_timings.py` calls `begin` (process), 
 (postprocess_batch), `before_hr` and `end` (postprocess). U-Net evaluations and VAE decodes are timed
 by forward hooks installed once per loaded model; the CFG denoiser callbacks mark where one sampler
 evaluation starts and ends, so cond/uncond run as two forwards still count as one evaluation.
-Only one generation runs at a time (the WebUI's queue lock); a generation started inside another
-(a script calling process_images) is recorded on its own and the outer one resumes after it.
+Only one generation runs at a time (the WebUI's queue lock). A generation started inside another (a
+script calling process_images from process) is recorded and the outer one is not; a generation that
+died without postprocess is dropped when the next one begins.
 Nothing here may break a generation: every error is logged once and recording stops.
 """
 
@@ -39,7 +40,6 @@ class _Generation:
     run_id: str
     record: bool = True  # False for benchmark warm-up images
     batches: int = 0
-    outer: GenerationRecorder | None = None  # the recorder of an enclosing generation, restored at the end
     record_id: str = field(default_factory=new_record_id)
 
 
@@ -125,7 +125,7 @@ def begin(p, source: str = "webui", run_id: str = "", record: bool = True) -> No
     """Start timing a generation (the script's `process`)."""
     hook_model(shared.sd_model)
     recorder = GenerationRecorder(devices.device)
-    generation = _Generation(recorder, source, run_id, record, outer=SLOT.active)
+    generation = _Generation(recorder, source, run_id, record)
     setattr(p, ATTRIBUTE, generation)
     original = p.sample
 
@@ -166,10 +166,9 @@ def end(p) -> GenerationRecord | None:
     if generation is None:
         return None
     delattr(p, ATTRIBUTE)
-    if SLOT.active is not generation.recorder:  # recording failed during this generation
-        SLOT.active = generation.outer
+    if SLOT.active is not generation.recorder:  # recording failed, or a nested generation replaced it
         return None
-    SLOT.active = generation.outer
+    SLOT.active = None
     timings = generation.recorder.finish()
     if not generation.record or generation.batches == 0:  # warm-up, or interrupted before any image
         return None
