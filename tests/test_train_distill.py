@@ -330,3 +330,46 @@ def _wait_for(condition, process, timeout: float = 240):
         assert process.poll() is None, "the training process ended early"
         assert time.time() < end, "timed out"
         time.sleep(0.05)
+
+
+# --- command line and cache ---------------------------------------------------------------------
+
+
+def test_cli_builds_the_same_config_from_flags_and_files(tmp_path, tiny_pipeline_v1):
+    from bksdm_ext.cli import main
+
+    data = write_images(tmp_path / "data", 2)
+    base = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **small_settings())
+    base.save(tmp_path / "base.toml")
+    job = tmp_path / "job"
+    assert main(["distill", "--config", str(tmp_path / "base.toml"), "--layout", "tiny", "--no-random-flip",
+                 "--sample-prompts", "a", "b", "--learning-rate", "1e-4", "--job-dir", str(job), "--write-only"]) == 0
+    written = DistillConfig.load(job / "config.toml")
+    assert written == DistillConfig(**{**base.to_dict(), "layout": "tiny", "random_flip": False,
+                                       "sample_prompts": ["a", "b"], "learning_rate": 1e-4})
+    assert main(["distill", "--teacher", str(tmp_path / "missing"), "--data", str(data), "--write-only",
+                 "--job-dir", str(tmp_path / "job2")]) == 2  # a BKSDMError: message, no traceback
+
+
+def test_latent_cache_is_built_once_reused_and_invalidated(tmp_path, tiny_pipeline_v1, one_thread, capsys):
+    from bksdm_ext.train import distill
+
+    data = write_images(tmp_path / "data", 3)
+    settings = small_settings(max_steps=1, cache=True, cache_dir=str(tmp_path / "cache"), train_batch_size=3)
+    assert distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), tmp_path / "a") == "done"
+    out = capsys.readouterr().out
+    assert "Building the latent cache" in out and "3 pairs x" in out
+    shards = list((tmp_path / "cache").glob("*/shard-*.safetensors"))
+    assert len(shards) == 1
+    from safetensors.torch import load_file
+
+    shard = load_file(str(shards[0]))
+    assert shard["latents"].shape == (3, 4, 8, 8) and shard["latents"].dtype == torch.float16
+    assert shard["text"].shape == (3, 77, 32)
+
+    distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), tmp_path / "b")
+    assert "Using the latent cache" in capsys.readouterr().out
+    (data / "metadata.jsonl").write_text((data / "metadata.jsonl").read_text().replace("number 0", "number zero"))
+    distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), tmp_path / "c")
+    assert "Building the latent cache" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").iterdir())) == 2

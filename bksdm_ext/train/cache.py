@@ -35,6 +35,14 @@ def bytes_per_pair(resolution: int, text_dim: int, max_tokens: int) -> int:
     return 2 * (4 * (resolution // 8) ** 2 + max_tokens * text_dim)
 
 
+def human_size(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.3g} {unit}"
+        size /= 1000
+    return f"{size:.3g} TB"
+
+
 def cache_key(items, resolution: int, parts: dict) -> str:
     h = hashlib.sha256()
     h.update(f"v1 {resolution}".encode())
@@ -92,7 +100,7 @@ class LatentCache:
                 kept += [j for j, _, _ in group]
             tensors = {"index": torch.tensor(kept, dtype=torch.int64)}
             if kept:
-                tensors.update(latents=torch.cat(latents), text=torch.cat(texts))
+                tensors.update(latents=torch.cat(latents).contiguous(), text=torch.cat(texts).contiguous())
             tmp = self.shard_path(i).with_suffix(".tmp")
             save_file(tensors, str(tmp))
             os.replace(tmp, self.shard_path(i))

@@ -92,6 +92,12 @@ def _tensorboard(directory: Path):
     return SummaryWriter(str(directory))
 
 
+def progress_state(job_dir: str | os.PathLike) -> dict:
+    """A job's progress.json ({} before the job has written one)."""
+    path = Path(job_dir) / "progress.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def read_losses(job_dir: str | os.PathLike) -> list[dict[str, float]]:
     """The rows of a job's losses.csv as numbers."""
     with open(Path(job_dir) / "losses.csv", newline="") as f:

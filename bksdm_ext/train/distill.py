@@ -126,8 +126,8 @@ def _build_cache(job: Job, config: DistillConfig, items, parts):
     if cache.complete:
         job.say(f"Using the latent cache {cache.dir}.")
     else:
-        job.say(f"Building the latent cache {cache.dir}: {len(items)} pairs x {size / 1e3:.0f} KB = "
-                f"{len(items) * size / 1e9:.2f} GB.")
+        job.say(f"Building the latent cache {cache.dir}: {len(items)} pairs x {latent_cache.human_size(size)} = "
+                f"{latent_cache.human_size(len(items) * size)}.")
         job.progress.update(message="building the latent cache")
         with job.timer("cache"):
             cache.build(parts, job.device, job.accelerator.process_index, job.accelerator.num_processes, job.say)
