@@ -38,6 +38,7 @@ def test_queued_running_done_one_gpu_job_at_a_time(runner):
     second = runner.submit("count", {"steps": 3, "step_s": 0.1, "label": "second"})
     assert runner.get(first.id).state == "running"
     assert runner.get(second.id).state == "queued"  # the default policy: one GPU job at a time
+    assert runner.get(second.id).message == "Waiting: 1 GPU job(s) running, 1 at a time."
     wait_for(runner, first.id, "done")
     wait_for(runner, second.id, "running")
     done = wait_for(runner, second.id, "done")

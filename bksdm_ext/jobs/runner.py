@@ -378,6 +378,9 @@ class Runner:
                 continue  # a kind this installation lacks; another runner may have it
             if kind.gpu:
                 if gpu_running >= self.settings.max_gpu_jobs:
+                    waiting = f"Waiting: {gpu_running} GPU job(s) running, {self.settings.max_gpu_jobs} at a time."
+                    if job.message != waiting and not job.message.startswith("Queued to"):
+                        self.store.update(job.id, expect=("queued",), message=waiting)
                     continue
                 if self.settings.vram_handoff and not self.handoff_active:
                     if not self._call_hook(self.before_gpu_job, "before_gpu_job", job):

@@ -213,11 +213,10 @@ background: var(--color-accent, #f97316); border-radius: 4px"></div></div>
 <div style="opacity: .7">Folder: {html.escape(view['folder'])}</div></div>"""
 
 
-def _loss_frame(runner: Runner, job_id: str):
+def _loss_frame(rows: list[tuple[int, str, float]]):
     import pandas as pd
 
-    rows = runner.losses(job_id)
-    return pd.DataFrame(rows or [(0, "none yet", 0.0)], columns=["step", "term", "value"])
+    return pd.DataFrame(rows, columns=["step", "term", "value"]) if rows else None  # None: the empty plot
 
 
 def _open_folder(path: str) -> str:
@@ -263,8 +262,9 @@ def _jobs(context: TabContext) -> None:
     def update(job_id, shown):
         views = [job_view(runner, job) for job in runner.list()]
         ids = [v["id"] for v in views]
-        if job_id not in ids:
-            job_id = ids[0] if ids else None
+        if job_id not in ids:  # nothing chosen yet: the job that is running, else the newest
+            active = [v["id"] for v in views if v["state"] in ("running", "cancelling")]
+            job_id = (active or ids or [None])[0]
         view = next((v for v in views if v["id"] == job_id), None)
         shown = dict(shown or {})
         outputs = [
@@ -276,8 +276,7 @@ def _jobs(context: TabContext) -> None:
         ]
         samples = [str(p) for p in runner.samples(job_id)[-SAMPLES_SHOWN:]] if job_id else []
         losses = runner.losses(job_id) if job_id else []
-        outputs.append(_loss_frame(runner, job_id) if job_id and (job_id, len(losses)) != shown.get("plot")
-                       else gr.update())
+        outputs.append(_loss_frame(losses) if (job_id, len(losses)) != shown.get("plot") else gr.update())
         outputs.append(samples if (job_id, samples) != shown.get("samples") else gr.update())
         outputs.append(" ".join(v["id"] for v in views if v["state"] == "done"))
         shown.update(ids=ids, job=job_id, plot=(job_id, len(losses)), samples=(job_id, samples))
