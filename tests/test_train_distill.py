@@ -162,8 +162,8 @@ def test_bad_items_are_skipped_and_counted_and_an_unusable_dataset_refused(tmp_p
     assert len(meta.items) == 6 and meta.skipped == {"missing file": 1, "missing caption": 1}
 
     job = tmp_path / "job"
-    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **small_settings(train_batch_size=6,
-                                                                                          max_steps=1))
+    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
+                           **small_settings(train_batch_size=6, max_steps=1, checkpoint_every=1))
     assert distill.train(config, job) == "done"
     skipped = {r: n for r, n in core.load_checkpoint(core.checkpoint_dirs(job)[-1])[3]["skipped"].items()}
     assert skipped == {"grayscale": 1, "too small": 1, "broken image": 1}
@@ -198,7 +198,7 @@ def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_pipeline_v1, o
 
     data = write_images(tmp_path / "data", 5)
     settings = small_settings(max_steps=4, train_batch_size=2, gradient_accumulation_steps=2, random_flip=True,
-                              center_crop=False)
+                              center_crop=False, checkpoint_every=2)
     straight = tmp_path / "straight"
     distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), straight)
     halves = tmp_path / "halves"
@@ -228,7 +228,8 @@ def test_single_file_output_loads_strictly_into_the_ldm_unet_from_our_yaml(tmp_p
     data = write_images(tmp_path / "data", 2)
     job = tmp_path / "job"
     config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), layout="tiny",
-                           **small_settings(max_steps=1, sample_every=1, sample_steps=2, sample_prompts=["a cat"]))
+                           **small_settings(max_steps=1, sample_every=1, sample_steps=2, sample_prompts=["a cat"],
+                                            checkpoint_every=1))
     assert distill.train(config, job) == "done"
     state = progress(job) if (job / "progress.json").exists() else {}
     assert state["state"] == "done" and state["step"] == 1
@@ -309,7 +310,8 @@ def test_two_process_accelerate_run_has_two_ranks_and_firing_hooks(tmp_path, tin
     data = write_images(tmp_path / "data", 4)
     job = tmp_path / "job"
     job.mkdir()
-    DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **small_settings(max_steps=2)).save(job / "config.toml")
+    DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **small_settings(max_steps=2, checkpoint_every=2)).save(
+        job / "config.toml")
     accelerate = Path(sys.executable).with_name("accelerate")
     env = one_thread_env()
     result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

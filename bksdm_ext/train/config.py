@@ -70,7 +70,8 @@ class TrainConfig:
     random_flip: bool = _f(True, "Flip images horizontally at random.")
     seed: int = _f(1234, "Random seed: the same seed and data give the same run.")
     num_workers: int = _f(2, "Data-loading worker processes (0 = load in the training process).")
-    checkpoint_every: int = _f(1000, "Save a resumable checkpoint every N steps (0 = only at the end).")
+    checkpoint_every: int = _f(1000, "Save a resumable checkpoint every N steps and at the end "
+                                     "(0 = never; cancelling always saves one).")
     checkpoints_keep: int = _f(3, "Keep this many newest checkpoints (0 = keep all).")
     sample_every: int = _f(1000, "Render validation images every N steps (0 = never).")
     sample_prompts: list = _f(DEFAULT_PROMPTS, "Fixed prompts of the validation images.")
@@ -218,7 +219,8 @@ class DreamBoothConfig(TrainConfig):
     learning_rate: float | None = _f(None, "Learning rate (empty = 1e-6 for full, 1e-4 for LoRA).")
     center_crop: bool = _f(False, "Crop the center of each image (else a random crop).")
     random_flip: bool = _f(False, "Flip images horizontally at random.")
-    checkpoint_every: int = _f(200, "Save a resumable checkpoint every N steps (0 = only at the end).")
+    checkpoint_every: int = _f(200, "Save a resumable checkpoint every N steps and at the end "
+                                    "(0 = never; cancelling always saves one).")
     sample_every: int = _f(200, "Render validation images every N steps (0 = never).")
     sample_prompts: list = _f(("a sks dog in the snow", "a sks dog on the beach"),
                               "Fixed prompts of the validation images.")

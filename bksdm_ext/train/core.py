@@ -582,7 +582,7 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
                 paths = render(step, ema)
             if paths:
                 job.progress.update(last_sample=str(paths[-1]))
-    if outcome == "cancelled" or step == config.max_steps and step > start_step:
+    if outcome == "cancelled" or (config.checkpoint_every and step == config.max_steps and step > start_step):
         checkpoint_now()
     if outcome == "cancelled":
         job.progress.update(state="cancelled", step=step, message=f"Cancelled at step {step}; resume with --resume latest.")

@@ -18,7 +18,7 @@ from ..errors import BKSDMError
 from ..student import build_student
 from . import cache as latent_cache
 from .config import DistillConfig
-from .core import Job, fit, half_dtype, apply_speedups, render_samples
+from .core import Job, apply_speedups, fit, half_dtype, render_samples
 from .data import Batches, CaptionedImages, read_metadata, reject_reason
 from .export import check_output_free, export_model
 from .losses import diffusion_target, distill_loss, feature_taps
@@ -27,7 +27,7 @@ from .models import encode_images, encode_prompts, freeze, load_parts
 
 def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator=None) -> str:
     job = Job(config, job_dir, accelerator)
-    acc, device, timer = job.accelerator, job.device, job.timer
+    acc = job.accelerator
 
     # data: refused before any model loads if nothing is usable
     meta = read_metadata(config.data, config.image_column, config.caption_column)
@@ -36,26 +36,13 @@ def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator
         raise BKSDMError(f"None of the first {len(probe)} images of {config.data} is usable "
                          f"({', '.join(sorted(set(probe)))}): check the dataset.")
     job.say(f"Dataset: {len(meta.items)} pairs" + (f", skipped {dict(meta.skipped)}" if meta.skipped else ""))
-
     check_output_free(job, _output_name(config))
 
-    # models: frozen teacher (half precision, inference mode) and the student built from it
+    # models, and a latent/text cache or images encoded every step (the official way)
     parts = load_parts(config.teacher)
-    frozen_dtype = half_dtype(device) if config.teacher_half else torch.float32
-    teacher = parts["unet"]
-    student, report = build_student(teacher, config.layout)
-    job.say(report.summary().splitlines()[0])
-    for name in ("unet", "vae", "text_encoder"):
-        freeze(parts[name], frozen_dtype, device)
-    apply_speedups(teacher, config, trainable=False)
-    student = apply_speedups(student.to(device).train(), config, trainable=True)
-    scheduler = parts["scheduler"]
-    teacher_tap, student_tap = feature_taps(teacher, student, config.layout)  # on the unwrapped modules
-
-    # data pipeline: a latent/text cache, or images encoded every step (the official way)
+    run = Distillation(config, job, parts)
     if config.cache:
-        cache = _build_cache(job, config, meta.items, parts)
-        dataset = cache.dataset(config.random_flip, config.seed)
+        dataset = build_cache(job, config, meta.items, parts).dataset(config.random_flip, config.seed)
     else:
         dataset = CaptionedImages(meta.items, config.resolution, config.center_crop, config.random_flip, config.seed)
 
@@ -63,48 +50,70 @@ def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator
         return Batches(dataset, config.train_batch_size, config.seed, acc.process_index, acc.num_processes, start,
                        config.num_workers)
 
-    prepared = acc.prepare(student)
-    if config.compile:
-        prepared = torch.compile(prepared)
-    weights = (config.lambda_task, config.lambda_out_kd, config.lambda_feat_kd)
-
-    def loss_fn(batch):
-        with timer("encode"):
-            latents, text = _conditioning(batch, parts, device, job.generator)
-        noise = torch.randn(latents.shape, generator=job.generator, device=device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=job.generator, device=device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(scheduler, latents, noise, timesteps)
-        with timer("teacher"), torch.inference_mode(), teacher_tap:
-            teacher_out = teacher(noisy.to(frozen_dtype), timesteps, text.to(frozen_dtype)).sample
-        # clones leave inference mode: the loss may then save them for the backward pass
-        teacher_out, teacher_features = teacher_out.clone(), [f.clone() for f in teacher_tap.outputs()]
-        with timer("student"), student_tap:
-            student_out = prepared(noisy, timesteps, text.float()).sample
-        return distill_loss(student_out, teacher_out, target, student_tap.outputs(), teacher_features, weights)
-
     def render(step, ema):
-        with (ema.applied() if ema else contextlib.nullcontext()), _half_autocast(device, frozen_dtype):
-            return render_samples(parts, student, config.sample_prompts, job.job_dir / "samples", f"step-{step:06d}",
-                                  config.sample_steps, config.resolution, config.seed)
+        with (ema.applied() if ema else contextlib.nullcontext()), _half_autocast(job.device, run.frozen_dtype):
+            return render_samples(parts, run.student, config.sample_prompts, job.job_dir / "samples",
+                                  f"step-{step:06d}", config.sample_steps, config.resolution, config.seed)
 
     if config.sample_every and acc.is_main_process and not (job.job_dir / "samples" / "teacher-0.png").exists():
-        with _half_autocast(device, frozen_dtype):
-            render_samples(parts, teacher, config.sample_prompts, job.job_dir / "samples", "teacher",
+        with _half_autocast(job.device, run.frozen_dtype):
+            render_samples(parts, run.teacher, config.sample_prompts, job.job_dir / "samples", "teacher",
                            config.sample_steps, config.resolution, config.seed)
-    outcome, ema = fit(job, {"student": prepared}, loss_fn, make_batches, render if acc.is_main_process else None,
+
+    # the loop
+    outcome, ema = fit(job, {"student": run.prepared}, run.loss, make_batches, render if acc.is_main_process else None,
                        config.ema_decay if config.use_ema else None, resume)
 
     # output: the EMA student as a diffusers folder and a WebUI checkpoint
     if outcome == "done":
         if acc.is_main_process:
             with ema.applied() if ema else contextlib.nullcontext():
-                out = export_model(job, student, parts["root"], _output_name(config))
+                out = export_model(job, run.student, parts["root"], _output_name(config))
             job.progress.update(state="done", message=f"Finished: {out}")
         acc.wait_for_everyone()
     job.progress.close()
     return outcome
+
+
+class Distillation:
+    """The models of a run (frozen half-precision teacher, student built from it) and one micro-batch's loss."""
+
+    def __init__(self, config: DistillConfig, job: Job, parts: dict):
+        self.job, self.parts, self.scheduler = job, parts, parts["scheduler"]
+        device = job.device
+        self.frozen_dtype = half_dtype(device) if config.teacher_half else torch.float32
+        self.teacher = parts["unet"]
+        student, report = build_student(self.teacher, config.layout)
+        job.say(report.summary().splitlines()[0])
+        for name in ("unet", "vae", "text_encoder"):
+            if name in parts:
+                freeze(parts[name], self.frozen_dtype, device)
+        apply_speedups(self.teacher, config, trainable=False)
+        self.student = apply_speedups(student.to(device).train(), config, trainable=True)
+        # hooks on the unwrapped modules: DDP's `module.` prefix cannot break them
+        self.teacher_tap, self.student_tap = feature_taps(self.teacher, self.student, config.layout)
+        self.prepared = job.accelerator.prepare(self.student)
+        if config.compile:
+            self.prepared = torch.compile(self.prepared)
+        self.weights = (config.lambda_task, config.lambda_out_kd, config.lambda_feat_kd)
+
+    def loss(self, batch):
+        job, timer, device, scheduler = self.job, self.job.timer, self.job.device, self.scheduler
+        with timer("encode"):
+            latents, text = _conditioning(batch, self.parts, device, job.generator)
+        noise = torch.randn(latents.shape, generator=job.generator, device=device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=job.generator, device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(scheduler, latents, noise, timesteps)
+        with timer("teacher"), torch.inference_mode(), self.teacher_tap:
+            teacher_out = self.teacher(noisy.to(self.frozen_dtype), timesteps, text.to(self.frozen_dtype)).sample
+        # clones leave inference mode: the loss may then save them for the backward pass
+        teacher_out, teacher_features = teacher_out.clone(), [f.clone() for f in self.teacher_tap.outputs()]
+        with timer("student"), self.student_tap:
+            student_out = self.prepared(noisy, timesteps, text.float()).sample
+        return distill_loss(student_out, teacher_out, target, self.student_tap.outputs(), teacher_features,
+                            self.weights)
 
 
 def _conditioning(batch, parts, device, generator):
@@ -117,7 +126,7 @@ def _conditioning(batch, parts, device, generator):
     return latents.clone(), text.clone()
 
 
-def _build_cache(job: Job, config: DistillConfig, items, parts):
+def build_cache(job: Job, config: DistillConfig, items, parts):
     root = Path(config.cache_dir) if config.cache_dir else latent_cache.default_cache_dir()
     encoder = parts["text_encoder"]
     size = latent_cache.bytes_per_pair(config.resolution, encoder.config.hidden_size, parts["tokenizer"].model_max_length)
