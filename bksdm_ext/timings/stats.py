@@ -123,8 +123,9 @@ def rows_frame(rows: list[GroupRow]):
     """The grouped table as a pandas DataFrame (gr.Dataframe / gr.BarPlot input)."""
     import pandas as pd
 
-    return pd.DataFrame([{title: getattr(row, f) for f, title in COLUMNS.items()} for row in rows],
-                        columns=list(COLUMNS.values()))
+    frame = pd.DataFrame([{title: getattr(row, f) for f, title in COLUMNS.items()} for row in rows],
+                         columns=list(COLUMNS.values()))
+    return frame.round(3)
 
 
 def seconds_per_image_frame(rows: list[GroupRow]):

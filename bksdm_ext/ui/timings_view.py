@@ -58,23 +58,26 @@ def build_timings_view(store_path_getter: Callable[[], str | os.PathLike],
     benchmark(checkpoints, protocol) runs and records the protocol (the WebUI's own processing in the
     WebUI); checkpoint_choices() lists what can be benchmarked. Without them the action is hidden.
     """
+    initial = view_data(store_path_getter())  # what is recorded so far; Refresh or a filter updates it
     with gr.Row():
-        device = gr.Dropdown([ALL], value=ALL, label="Device")
-        checkpoints = gr.Dropdown([], value=[], multiselect=True, label="Checkpoints (none: all)")
-        sampler = gr.Dropdown([ALL], value=ALL, label="Sampler")
+        device = gr.Dropdown([ALL] + initial.devices, value=ALL, label="Device")
+        checkpoints = gr.Dropdown(initial.checkpoints, value=[], multiselect=True, label="Checkpoints (none: all)")
+        sampler = gr.Dropdown([ALL] + initial.samplers, value=ALL, label="Sampler")
         steps = gr.Number(value=0, precision=0, label="Steps (0: all)")
-        size = gr.Dropdown([ALL], value=ALL, label="Size")
+        size = gr.Dropdown([ALL] + initial.sizes, value=ALL, label="Size")
         source = gr.Dropdown([ALL, "webui", "webui-bench", "bench"], value=ALL, label="Source")
-        reference = gr.Dropdown([], value=None, label="Speed-up against")
+        reference = gr.Dropdown(initial.checkpoints, value=None, label="Speed-up against")
     with gr.Row():
         refresh = gr.Button("Refresh", variant="secondary")
-        summary = gr.Markdown()
-    table = gr.Dataframe(interactive=False, wrap=True, label="Seconds per image, by device x checkpoint x sampler x steps x size")
+        summary = gr.Markdown(initial.summary)
+    table = gr.Dataframe(initial.table, interactive=False, wrap=True,
+                         label="Seconds per image, by device x checkpoint x sampler x steps x size")
     with gr.Row():
-        bars = gr.BarPlot(x="checkpoint", y="s/image", color="condition", title="Seconds per image (median)",
-                          tooltip=["checkpoint", "s/image", "condition"], width=520, height=300)
-        lines = gr.LinePlot(x="generation", y="U-Net ms/step", color="checkpoint", title="Per-step U-Net time",
-                            tooltip=["checkpoint", "U-Net ms/step"], width=520, height=300)
+        bars = gr.BarPlot(initial.seconds_per_image, x="checkpoint", y="s/image", color="condition",
+                          title="Seconds per image (median)", tooltip=["checkpoint", "s/image", "condition"],
+                          x_label_angle=-30, width=380, height=300)
+        lines = gr.LinePlot(initial.per_step, x="generation", y="U-Net ms/step", color="checkpoint",
+                            title="Per-step U-Net time", tooltip=["checkpoint", "U-Net ms/step"], width=380, height=300)
     with gr.Accordion("CSV: compare machines", open=False):
         with gr.Row():
             export_button = gr.Button("Export CSV")
