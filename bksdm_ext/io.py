@@ -204,6 +204,9 @@ def _temp_path(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    # mkstemp makes the file private (0600); checkpoints are shared like any model file. (Reading the
+    # umask would mean setting it, which races with other threads of the WebUI.)
+    os.chmod(name, 0o644)
     return Path(name)
 
 

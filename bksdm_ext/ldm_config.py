@@ -86,13 +86,10 @@ def config_path(layout: str, version: str) -> Path:
 
 def write_yaml_for(checkpoint: str | os.PathLike, layout: str, version: str, unet_config: dict | None = None) -> Path:
     """Write `<checkpoint stem>.yaml` beside a checkpoint, atomically."""
-    checkpoint = Path(checkpoint)
-    target = checkpoint.with_suffix(".yaml")
+    from .io import write_text
+
     text = render(ldm_model_config(layout, version, unet_config), layout, version)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
-    return target
+    return write_text(Path(checkpoint).with_suffix(".yaml"), text)
 
 
 def shipped_configs() -> dict[Path, str]:
