@@ -117,3 +117,27 @@ def test_key_check_separates_sd2s_unused_text_encoder_parts():
     result = key_check(ckpt, shapes, params)
     assert result.missing == (f"{prefix}transformer.resblocks.0.ln_1.weight",)
     assert result.mismatched == ("model.diffusion_model.out.2.weight",) and result.unexpected == ("stray",)
+
+
+def test_positional_extensions_are_named_when_active():
+    from types import SimpleNamespace
+
+    from bksdm_ext.webui.decide import positional_conflicts
+
+    class Script:
+        def __init__(self, title, start, end):
+            self._title, self.args_from, self.args_to = title, start, end
+
+        def title(self):
+            return self._title
+
+    unit_on, unit_off = SimpleNamespace(enabled=True), SimpleNamespace(enabled=False)
+    p = SimpleNamespace(scripts=SimpleNamespace(alwayson_scripts=[Script("ControlNet", 0, 2),
+                                                                  Script("AnimateDiff", 2, 3)]),
+                        script_args=[unit_off, unit_off, {"enabled": False}])
+    quiet = SimpleNamespace(hypertile_enable_unet=False)
+    assert positional_conflicts(quiet, p) == []
+    p.script_args[1] = unit_on
+    p.script_args[2] = {"enabled": True}
+    problems = positional_conflicts(SimpleNamespace(hypertile_enable_unet=True), p)
+    assert [w.split()[0] for w in problems] == ["Hypertile", "ControlNet", "AnimateDiff"]

@@ -159,3 +159,33 @@ def key_check(checkpoint: dict, model_shapes: dict[str, tuple[int, ...]], parame
     unexpected = sorted(k for k in checkpoint if k not in model_shapes)
     mismatched = sorted(k for k in checkpoint if k in model_shapes and tuple(checkpoint[k].shape) != tuple(model_shapes[k]))
     return KeyCheck(tuple(missing), tuple(unexpected), tuple(mismatched), tuple(unused))
+
+
+# Extensions that address U-Net blocks by SD's positions: on a BK layout they misalign or fail.
+POSITIONAL = {
+    "controlnet": "ControlNet adds its residuals to SD's 12 input blocks and middle block",
+    "animatediff": "AnimateDiff inserts motion modules at SD's block positions",
+}
+
+
+def positional_conflicts(opts, p) -> list[str]:
+    """What active in this generation addresses U-Net blocks by SD's positions (WebUI options, and the
+    always-on scripts of `p` with an enabled unit among their arguments)."""
+    problems = []
+    if getattr(opts, "hypertile_enable_unet", False) or getattr(opts, "hypertile_enable_unet_secondpass", False):
+        problems.append("Hypertile U-Net picks SD's attention blocks by position")
+    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", []):
+        name = script.title().lower().replace(" ", "") if hasattr(script, "title") else ""
+        for key, why in POSITIONAL.items():
+            if key in name and _enabled(p.script_args[script.args_from:script.args_to]):
+                problems.append(why)
+    return problems
+
+
+def _enabled(args) -> bool:
+    """Whether any unit among a script's arguments is enabled (ControlNet units, AnimateDiff params)."""
+    for arg in args:
+        enabled = arg.get("enabled") if isinstance(arg, dict) else getattr(arg, "enabled", None)
+        if enabled is True:
+            return True
+    return False

@@ -9,13 +9,9 @@ from modules import script_callbacks, sd_models, shared
 
 from .. import layouts
 from . import loader
+from .decide import positional_conflicts
 
 SECTION = ("bksdm", "BK-SDM")
-# Extensions that address U-Net blocks by SD's positions: on a BK layout they misalign or fail.
-POSITIONAL = {
-    "controlnet": "ControlNet adds its residuals to SD's 12 input blocks and middle block",
-    "animatediff": "AnimateDiff inserts motion modules at SD's block positions",
-}
 
 
 class _Extension:
@@ -94,8 +90,15 @@ def on_app_started(demo, app) -> None:
 
 def on_ui_tabs():
     from ..ui.tab import TabContext, build_tab
+    from . import timings
+    from .models import models_dir
 
-    return [(build_tab(TabContext(runner(), _guard())), "BK-SDM", "bksdm")]
+    # finished models land in models/Stable-diffusion/BK-SDM, so the checkpoint list shows them
+    outputs = {"output_dir": str(models_dir())}
+    context = TabContext(runner(), _guard(), timings_store=timings.store_path, benchmark=timings.run_benchmark,
+                         checkpoint_choices=timings.checkpoint_titles,
+                         form_defaults={"distill": outputs, "dreambooth": outputs})
+    return [(build_tab(context), "BK-SDM", "bksdm")]
 
 
 def on_script_unloaded() -> None:
@@ -111,29 +114,8 @@ def infotext(p) -> None:
         return
     title = layouts.get_layout(info["layout"]).title
     p.extra_generation_params["BK-SDM"] = f"{info['layout']} ({info['version']})"
-    for problem in positional_conflicts(p):
+    for problem in positional_conflicts(shared.opts, p):
         p.comment(f"BK-SDM: {problem} — it does not apply to {title}.")
-
-
-def positional_conflicts(p) -> list[str]:
-    problems = []
-    if getattr(shared.opts, "hypertile_enable_unet", False) or getattr(shared.opts, "hypertile_enable_unet_secondpass", False):
-        problems.append("Hypertile U-Net picks SD's attention blocks by position")
-    for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", []):
-        name = (script.title() if hasattr(script, "title") else "").lower().replace(" ", "")
-        for key, why in POSITIONAL.items():
-            if key in name and _enabled(p.script_args[script.args_from:script.args_to]):
-                problems.append(why)
-    return problems
-
-
-def _enabled(args) -> bool:
-    """Whether any unit among a script's arguments is enabled (ControlNet units, AnimateDiff params)."""
-    for arg in args:
-        enabled = arg.get("enabled") if isinstance(arg, dict) else getattr(arg, "enabled", None)
-        if enabled is True:
-            return True
-    return False
 
 
 def setup() -> None:
