@@ -141,3 +141,10 @@ def test_distill_from_the_browser(app, browser, tiny_pipeline_v1, tmp_path):
     wait_page(lambda: page.locator("#bksdm_samples img").count() > 0, 30, "the samples", page)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "bksdm-app-done.png"), full_page=True)
+
+    # deleting asks first, then removes the job and its folder
+    job_folder = Path(page.locator("#bksdm_status .bksdm-status").inner_text().split("Folder: ")[1].strip())
+    page.locator("#bksdm_delete").click()
+    page.locator("#bksdm_delete_confirm").click()
+    wait_page(lambda: "Deleted" in page.locator("#bksdm_action_result").first.inner_text(), 30, "the deletion", page)
+    assert not job_folder.exists()

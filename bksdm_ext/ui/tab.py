@@ -246,6 +246,10 @@ def _jobs(context: TabContext) -> None:
         relaunch = gr.Button("Re-launch", elem_id="bksdm_relaunch")
         delete = gr.Button("Delete", elem_id="bksdm_delete", variant="stop")
         open_output = gr.Button("Open output folder", elem_id="bksdm_open_output")
+    with gr.Row(visible=False) as confirm_row:  # deleting loses the job's folder: ask once more
+        confirm_text = gr.Markdown()
+        confirm = gr.Button("Delete it", elem_id="bksdm_delete_confirm", variant="stop", scale=0, min_width=140)
+        keep = gr.Button("Keep it", elem_id="bksdm_delete_keep", scale=0, min_width=140)
     action_result = gr.HTML(elem_id="bksdm_action_result")
     status = gr.HTML(_status(None), elem_id="bksdm_status")
     with gr.Row():
@@ -307,11 +311,20 @@ def _jobs(context: TabContext) -> None:
         (cancel, lambda j: f"{j}: {runner.cancel(j).message}", "Cancelling a job"),
         (resume, lambda j: f"{j}: {runner.resume(j).message}", "Resuming a job"),
         (relaunch, lambda j: f"New job {runner.relaunch(j).id} from {j}'s config.toml.", "Launching a job"),
-        (delete, lambda j: (runner.delete(j), f"Deleted {j} and its folder.")[1], "Deleting a job"),
+        (confirm, lambda j: (runner.delete(j), f"Deleted {j} and its folder.")[1], "Deleting a job"),
         (open_output, lambda j: _open_folder(str(Path(runner.get(j).folder) / "output")), "Opening a server folder"),
     ):
         button.click(act(action, what), inputs=[selected], outputs=[action_result]).then(
             update, inputs=[selected, seen], outputs=views_out)
+
+    def ask(job_id):
+        if not job_id:
+            return gr.update(visible=False), "", _message("Select a job first.", False)
+        return gr.update(visible=True), f"Delete **{job_id}** and everything in its folder?", ""
+
+    delete.click(ask, inputs=[selected], outputs=[confirm_row, confirm_text, action_result])
+    for button in (confirm, keep):
+        button.click(lambda: gr.update(visible=False), outputs=[confirm_row])
 
 
 def build_tab(context: TabContext) -> gr.Blocks:
