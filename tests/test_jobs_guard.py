@@ -65,3 +65,15 @@ def test_missing_flags_of_older_webuis_are_off():
 def test_loopback_names():
     assert is_loopback("127.5.5.5") and is_loopback("LOCALHOST") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("::")
+
+
+def test_bksdm_app_binds_loopback_unless_told():
+    from bksdm_ext.cli import build_parser
+    from bksdm_ext.commands.app import app_guard
+
+    default = build_parser().parse_args(["app"])
+    assert (default.host, default.port) == ("127.0.0.1", 7870) and app_guard(default).allowed
+    exposed = build_parser().parse_args(["app", "--host", "0.0.0.0"])
+    assert "--host 0.0.0.0 is not a loopback address" in app_guard(exposed).exposure
+    assert not app_guard(exposed).allowed
+    assert app_guard(build_parser().parse_args(["app", "--host", "0.0.0.0", "--enable-insecure-extension-access"])).allowed

@@ -19,16 +19,22 @@ def add_commands(sub) -> None:
     p.set_defaults(run=app_command)
 
 
+def app_guard(args: argparse.Namespace):
+    """The app binds exactly --host, so that address decides whether jobs are allowed."""
+    from ..jobs.guard import AccessGuard
+
+    return AccessGuard(server_name=args.host, allow_insecure=args.enable_insecure_extension_access, host_flag="--host")
+
+
 def app_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..jobs.guard import AccessGuard
     from ..jobs.runner import Runner, RunnerSettings
     from ..ui.app import create_app, default_data_dir
 
     data_dir = args.data_dir or default_data_dir()
     runner = Runner(data_dir, RunnerSettings(max_gpu_jobs=args.max_gpu_jobs)).start()
-    guard = AccessGuard(server_name=args.host, allow_insecure=args.enable_insecure_extension_access)
+    guard = app_guard(args)
     if not guard.allowed:
         print(f"bksdm app: jobs are refused on this server: {guard.exposure}.")
     print(f"bksdm app: data in {data_dir}; open http://{args.host}:{args.port}/", flush=True)

@@ -51,6 +51,7 @@ class AccessGuard:
     api_only: bool = False  # the WebUI's --nowebui
     allow_insecure: bool = False  # --enable-insecure-extension-access
     gradio_default_host: str = "127.0.0.1"
+    host_flag: str = "--server-name"  # how the user names the address: `bksdm app` says --host
 
     @classmethod
     def from_cmd_opts(cls, cmd_opts: Any, environ: Mapping[str, str] = os.environ) -> "AccessGuard":
@@ -80,7 +81,7 @@ class AccessGuard:
         if is_loopback(host):
             return None
         if self.server_name:
-            return f"--server-name {host} is not a loopback address"
+            return f"{self.host_flag} {host} is not a loopback address"
         if self.listen:
             return "--listen binds 0.0.0.0 (every network interface)"
         if self.api_only:
@@ -97,5 +98,5 @@ class AccessGuard:
         if reason and not self.allow_insecure:
             raise AccessDenied(
                 f"{action} is refused: this server can be reached from other machines ({reason}), and jobs run "
-                f"code and use files on this machine. Run it on 127.0.0.1, or start it with {INSECURE_FLAG} "
+                f"code and use files on this machine. Bind it to 127.0.0.1, or start it with {INSECURE_FLAG} "
                 "if everyone who can reach it may do that.")
