@@ -27,7 +27,7 @@ class CountConfig:
     checkpoint_every: int = field(default=2, metadata={"help": "Save a checkpoint every N steps."})
     label: str = field(default="count", metadata={"help": "Any text."})
     ignore_cancel: bool = field(default=False, metadata={"help": "Ignore the cancel file and SIGTERM (tests escalation)."})
-    spawn_child: bool = field(default=False, metadata={"help": "Start a grandchild process (tests tree kill)."})
+    spawn_child: bool = field(default=False, metadata={"help": "Start a grandchild in its own session (tests tree kill)."})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +65,8 @@ def main(argv: list[str]) -> int:
     if config.ignore_cancel:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if config.spawn_child:
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        # in a session of its own, as torch elastic starts the ranks under `accelerate launch`
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
         (job / "child.pid").write_text(str(child.pid))
     start, last_checkpoint = 0, None
     if args.resume == "latest":

@@ -4,10 +4,12 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 from jobs_helpers import make_runner, tiny_distill_values, wait_for, wait_until, write_tiny_dataset
 
 from bksdm_ext.jobs.kinds import BUILTIN_KINDS
+from bksdm_ext.jobs.runner import LaunchSettings
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +60,21 @@ def test_distill_killed_resumed_cancelled_resumed_done(runner, tiny_pipeline_v1,
     assert steps == list(range(1, 9))  # one row per step across the three attempts, none repeated
     assert {term for _, term, _ in runner.losses(job.id)} >= {"task", "out_kd", "feat_kd"}
     assert runner.samples(job.id) and any((folder / "output").iterdir())
+
+
+def test_two_rank_accelerate_job_cancels_as_one_tree(tiny_pipeline_v1, tmp_path):
+    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS, launch=LaunchSettings(num_processes=2))
+    try:
+        data = write_tiny_dataset(tmp_path / "dataset")
+        job = runner.submit("distill", tiny_distill_values(tiny_pipeline_v1, data, steps=200))
+        wait_until(lambda: runner.progress(job.id).get("step", 0) >= 1, 180, "the first step")
+        tree = psutil.Process(runner.get(job.id).pid).children(recursive=True)
+        ranks = [p for p in tree if "bksdm_ext.train" in " ".join(p.cmdline())]
+        assert len(ranks) == 2 and "on 2 process(es)" in runner.log_tail(job.id)
+        runner.cancel(job.id)  # both ranks see the cancel file, checkpoint together and exit
+        job = wait_for(runner, job.id, "cancelled", timeout=120)
+        assert job.resumable == 1 and runner.progress(job.id)["state"] == "cancelled"
+        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks), 30,
+                   "both ranks to exit")
+    finally:
+        runner.close()

@@ -67,14 +67,27 @@ def terminate(pid: int) -> None:
 
 
 def kill_tree(pid: int) -> None:
-    """Kill the job and everything it started (a leader already gone leaves its group behind)."""
+    """Kill the job and everything it started, at once.
+
+    POSIX: its process group and every descendant, since some launchers (torch elastic, under
+    `accelerate launch`) start their workers in sessions of their own.
+    """
     if WINDOWS:
         subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False)
         return
     try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
         pass
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
 
 
 def kill_leftovers(pid: int) -> None:
