@@ -63,7 +63,8 @@ class TrainConfig:
     mixed_precision: str = _f("fp16", "Autocast precision of the trained model: fp16 needs a GPU (bf16 is used on CPU).",
                               MIXED_PRECISION)
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, slower.")
-    channels_last: bool = _f(True, "Channels-last memory format for the U-Nets (faster convolutions).")
+    channels_last: bool = _f(True, "Channels-last memory format for the U-Nets: faster convolutions on GPUs "
+                                   "(on a CPU it is slower and not used).")
     compile: bool = _f(False, "torch.compile the trained U-Net (slow first steps, faster later).")
     xformers: bool = _f(False, "Use xformers attention when installed (else PyTorch SDPA).")
     center_crop: bool = _f(True, "Crop the center of each image (else a random crop).")
@@ -205,6 +206,7 @@ class DreamBoothConfig(TrainConfig):
     class_data: str = _f("", "A folder of your own class images (empty = generate them into the job folder).")
     class_generator: str = _f("", "Model that generates class images (empty = the base model; the paper uses SD).")
     class_guidance: float = _f(7.5, "Guidance scale of the class-image generation.")
+    class_steps: int = _f(25, "Denoising steps per generated class image (PNDM).")
     mode: str = _f("full", "full: U-Net (and text encoder) fine-tuning; lora: peft LoRA adapters.", ("full", "lora"))
     train_text_encoder: bool = _f(True, "Train the text encoder too (full mode: all of it; LoRA: q/v adapters).")
     lora_rank: int = _f(16, "U-Net LoRA rank (on attention to_q, to_v).")
@@ -239,6 +241,11 @@ class DreamBoothConfig(TrainConfig):
         if self.mode not in ("full", "lora"):
             raise BKSDMError(f"mode must be 'full' or 'lora', not {self.mode!r}.")
         check_model_source(self.base_model, "base_model")
+        unet_config = Path(self.base_model) / "unet" / "config.json"
+        if unet_config.is_file():
+            from .models import layout_of
+
+            layout_of(json.loads(unet_config.read_text()))
         if self.class_generator:
             check_model_source(self.class_generator, "class_generator")
         if not self.identifier.strip():
@@ -254,7 +261,7 @@ class DreamBoothConfig(TrainConfig):
                 raise BKSDMError("num_class_images must be at least 1 with prior preservation.")
             if self.class_data:
                 list_images(self.class_data, "class_data", allow_empty=True)
-        for name in ("lora_rank", "text_lora_rank"):
+        for name in ("lora_rank", "text_lora_rank", "class_steps"):
             if getattr(self, name) < 1:
                 raise BKSDMError(f"{name} must be at least 1.")
 
