@@ -109,6 +109,17 @@ def test_a_job_that_ignores_cancel_is_killed_with_its_whole_tree(runner):
     wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 10, "the grandchild to die")
 
 
+def test_workers_outliving_a_killed_job_are_killed(runner):
+    job = runner.submit("count", {"steps": 1000, "step_s": 0.1, "spawn_child": True})
+    child_file = Path(job.folder) / "child.pid"
+    wait_until(child_file.exists, what="the grandchild")
+    child = psutil.Process(int(child_file.read_text()))
+    runner.poll()  # the runner sees the job's tree while it runs
+    os.kill(runner.get(job.id).pid, signal.SIGKILL)  # the launcher dies; its worker, in its own session, not
+    wait_for(runner, job.id, ("interrupted", "failed"))
+    wait_until(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, 10, "the orphan to die")
+
+
 PARENT = """
 import sys, time
 sys.path.insert(0, {tests!r})

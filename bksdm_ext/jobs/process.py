@@ -66,6 +66,24 @@ def terminate(pid: int) -> None:
         pass
 
 
+def descendants(pid: int) -> list[psutil.Process]:
+    """The processes `pid` started, recursively (psutil remembers each one's start time)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def kill_processes(processes: list[psutil.Process]) -> None:
+    """Kill those still running; psutil checks each is the same process (pid and start time)."""
+    for proc in processes:
+        try:
+            if proc.is_running():
+                proc.kill()
+        except psutil.Error:
+            pass
+
+
 def kill_tree(pid: int) -> None:
     """Kill the job and everything it started, at once.
 
@@ -75,19 +93,12 @@ def kill_tree(pid: int) -> None:
     if WINDOWS:
         subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False)
         return
-    try:
-        descendants = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        descendants = []
+    tree = descendants(pid)
     try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
         pass
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
+    kill_processes(tree)
 
 
 def kill_leftovers(pid: int) -> None:

@@ -136,6 +136,7 @@ class Runner:
         self.env = dict(env or {})
         self.handoff_active = False  # the WebUI's model is unloaded for our jobs
         self._procs: dict[str, Any] = {}  # jobs this runner started: id -> Popen
+        self._trees: dict[str, list] = {}  # descendants last seen per running job (psutil.Process)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -323,6 +324,7 @@ class Runner:
                 else:  # started by an earlier runner: recognise it by pid and start time
                     returncode, alive = None, process.is_running(job.pid, job.pid_started)
                 if alive:
+                    self._trees[job.id] = process.descendants(job.pid)
                     self._escalate_cancel(job, now)
                 else:
                     self._finish(job, returncode, ours=proc is not None)
@@ -361,6 +363,8 @@ class Runner:
         if ours:
             self._procs.pop(job.id, None)
             process.kill_leftovers(job.pid)  # its group's stragglers (data workers, ranks), if any
+        # Workers that outlive their launcher (a killed `accelerate launch` leaves its ranks) hold the GPU.
+        process.kill_processes(self._trees.pop(job.id, []))
         self.store.update(job.id, expect=ACTIVE_STATES, state=state, finished=time.time(), message=message,
                           resumable=int(checkpoint and state != "done"))
         self._remove_cancel_file(job)
