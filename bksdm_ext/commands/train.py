@@ -18,9 +18,10 @@ HELP = {
 
 
 def add_commands(sub) -> None:
-    from ..train.config import CONFIGS
+    from ..train.config import config_class as config_for
 
-    for kind, config_class in CONFIGS.items():
+    for kind in HELP:
+        config_class = config_for(kind)
         p = sub.add_parser(kind, help=HELP[kind], argument_default=argparse.SUPPRESS)
         p.add_argument("--config", type=Path, help="read the settings from a .toml/.json file (flags override it)")
         p.add_argument("--job-dir", type=Path, help="job folder (default: ./bksdm-jobs/KIND-TIME)")

@@ -42,44 +42,10 @@ def _f(default, help: str, choices: tuple | None = None, **kw):
     return field(default=default, metadata=metadata, **kw)
 
 
-@dataclass
-class TrainConfig:
-    """What every training job shares: optimiser, precision, speed switches, checkpoints, samples."""
+class JobConfig:
+    """Serialisation shared by every job config dataclass: dict, TOML/JSON file, form help."""
 
     kind: ClassVar[str] = ""
-
-    resolution: int = _f(512, "Training image side in pixels (images are resized on the shorter side, then cropped).")
-    train_batch_size: int = _f(64, "Images per step on each device.")
-    gradient_accumulation_steps: int = _f(4, "Steps whose gradients are summed before one optimiser update.")
-    max_steps: int = _f(50_000, "Optimiser updates to train for.")
-    learning_rate: float = _f(5e-5, "AdamW learning rate (constant, no warm-up).")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 = no clipping).")
-    optimizer: str = _f("adamw", "adamw: torch's fused/foreach AdamW; adamw8bit: bitsandbytes 8-bit AdamW (GPU, if installed).",
-                        OPTIMIZERS)
-    mixed_precision: str = _f("fp16", "Autocast precision of the trained model: fp16 needs a GPU (bf16 is used on CPU).",
-                              MIXED_PRECISION)
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, slower.")
-    channels_last: bool = _f(True, "Channels-last memory format for the U-Nets: faster convolutions on GPUs "
-                                   "(on a CPU it is slower and not used).")
-    compile: bool = _f(False, "torch.compile the trained U-Net (slow first steps, faster later).")
-    xformers: bool = _f(False, "Use xformers attention when installed (else PyTorch SDPA).")
-    center_crop: bool = _f(True, "Crop the center of each image (else a random crop).")
-    random_flip: bool = _f(True, "Flip images horizontally at random.")
-    seed: int = _f(1234, "Random seed: the same seed and data give the same run.")
-    num_workers: int = _f(2, "Data-loading worker processes (0 = load in the training process).")
-    checkpoint_every: int = _f(1000, "Save a resumable checkpoint every N steps and at the end "
-                                     "(0 = never; cancelling always saves one).")
-    checkpoints_keep: int = _f(3, "Keep this many newest checkpoints (0 = keep all).")
-    sample_every: int = _f(1000, "Render validation images every N steps (0 = never).")
-    sample_prompts: list = _f(DEFAULT_PROMPTS, "Fixed prompts of the validation images.")
-    sample_steps: int = _f(25, "Denoising steps of the validation images (PNDM).")
-    log_every: int = _f(10, "Write losses and speed to the log and the progress file every N steps.")
-    output_dir: str = _f("", "Where the finished model goes (empty = the job folder's output/).")
-    output_name: str = _f("", "File name (no extension) of the WebUI checkpoint (empty = from the job).")
 
     # --- serialisation ------------------------------------------------------------------------
 
@@ -130,6 +96,44 @@ class TrainConfig:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
+
+
+@dataclass
+class TrainConfig(JobConfig):
+    """What every training job shares: optimiser, precision, speed switches, checkpoints, samples."""
+
+    resolution: int = _f(512, "Training image side in pixels (images are resized on the shorter side, then cropped).")
+    train_batch_size: int = _f(64, "Images per step on each device.")
+    gradient_accumulation_steps: int = _f(4, "Steps whose gradients are summed before one optimiser update.")
+    max_steps: int = _f(50_000, "Optimiser updates to train for.")
+    learning_rate: float = _f(5e-5, "AdamW learning rate (constant, no warm-up).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 = no clipping).")
+    optimizer: str = _f("adamw", "adamw: torch's fused/foreach AdamW; adamw8bit: bitsandbytes 8-bit AdamW (GPU, if installed).",
+                        OPTIMIZERS)
+    mixed_precision: str = _f("fp16", "Autocast precision of the trained model: fp16 needs a GPU (bf16 is used on CPU).",
+                              MIXED_PRECISION)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, slower.")
+    channels_last: bool = _f(True, "Channels-last memory format for the U-Nets: faster convolutions on GPUs "
+                                   "(on a CPU it is slower and not used).")
+    compile: bool = _f(False, "torch.compile the trained U-Net (slow first steps, faster later).")
+    xformers: bool = _f(False, "Use xformers attention when installed (else PyTorch SDPA).")
+    center_crop: bool = _f(True, "Crop the center of each image (else a random crop).")
+    random_flip: bool = _f(True, "Flip images horizontally at random.")
+    seed: int = _f(1234, "Random seed: the same seed and data give the same run.")
+    num_workers: int = _f(2, "Data-loading worker processes (0 = load in the training process).")
+    checkpoint_every: int = _f(1000, "Save a resumable checkpoint every N steps and at the end "
+                                     "(0 = never; cancelling always saves one).")
+    checkpoints_keep: int = _f(3, "Keep this many newest checkpoints (0 = keep all).")
+    sample_every: int = _f(1000, "Render validation images every N steps (0 = never).")
+    sample_prompts: list = _f(DEFAULT_PROMPTS, "Fixed prompts of the validation images.")
+    sample_steps: int = _f(25, "Denoising steps of the validation images (PNDM).")
+    log_every: int = _f(10, "Write losses and speed to the log and the progress file every N steps.")
+    output_dir: str = _f("", "Where the finished model goes (empty = the job folder's output/).")
+    output_name: str = _f("", "File name (no extension) of the WebUI checkpoint (empty = from the job).")
 
     # --- validation ---------------------------------------------------------------------------
 
@@ -266,10 +270,30 @@ class DreamBoothConfig(TrainConfig):
                 raise BKSDMError(f"{name} must be at least 1.")
 
 
-CONFIGS: dict[str, type[TrainConfig]] = {c.kind: c for c in (DistillConfig, DreamBoothConfig)}
+@dataclass
+class ConvertConfig(JobConfig):
+    """A conversion run as a job (diffusers folder <-> single-file WebUI checkpoint), see `bksdm_ext.convert`."""
+
+    kind: ClassVar[str] = "convert"
+
+    src: str = _f("", "A diffusers folder or a .safetensors/.ckpt checkpoint to convert.")
+    dst: str = _f("", "A .safetensors file (WebUI form, yaml beside it) or a folder (diffusers form); "
+                      "empty = the job folder's output/ as a single file.")
+    half: bool = _f(False, "Write fp16 weights (half the size).")
+    version: str = _f("", "SD version when the weights cannot tell (v1, v2-base, v2-768); empty = detect.")
+    tokenizer: str = _f("", "CLIP tokenizer folder for a diffusers output made from a single file.")
+
+    def validate(self) -> None:
+        if not self.src or not Path(self.src).exists():
+            raise BKSDMError(f"src {self.src!r} does not exist: give a diffusers folder or a checkpoint file.")
+        if self.dst and Path(self.dst).suffix not in ("", ".safetensors"):
+            raise BKSDMError("dst must be a .safetensors file or a folder.")
 
 
-def config_class(kind: str) -> type[TrainConfig]:
+CONFIGS: dict[str, type] = {c.kind: c for c in (DistillConfig, DreamBoothConfig, ConvertConfig)}
+
+
+def config_class(kind: str) -> type:
     try:
         return CONFIGS[kind]
     except KeyError:

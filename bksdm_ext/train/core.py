@@ -417,9 +417,25 @@ def run_job(kind: str, job_dir: str | os.PathLike, resume: str | None = None) ->
 def _trainer(kind: str):
     if kind == "distill":
         from .distill import train
-    else:
+    elif kind == "dreambooth":
         from .dreambooth import train
+    else:
+        train = _convert
     return train
+
+
+def _convert(config, job_dir: Path, resume=None) -> str:
+    """The convert job: one call of the converter, with the same progress file as training jobs."""
+    from ..convert import convert
+
+    progress = Progress(job_dir, total_steps=1)
+    progress.update(message=f"converting {config.src}")
+    dst = Path(config.dst) if config.dst else job_dir / "output" / f"{Path(config.src).stem}.safetensors"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for line in convert(config.src, dst, config.half, config.version or None, config.tokenizer or None):
+        print(line, flush=True)
+    progress.update(state="done", step=1, message=f"Finished: {dst}")
+    return "done"
 
 
 def _fail(progress_path: Path, message: str) -> int:
@@ -490,7 +506,8 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
 
     `modules` are already prepared by the accelerator; their trainable parameters are what the
     optimiser, the EMA and the checkpoints hold. `make_batches(start)` gives this rank's micro-batches
-    (a `data.Batches`) from loader position `start`; `render(step, ema)` writes validation images and returns their paths.
+    (a `data.Batches`) from loader position `start`; `render(step, ema)` writes validation images and
+    returns their paths.
     """
     config, acc, timer = job.config, job.accelerator, job.timer
     unwrapped = {name: acc.unwrap_model(m) for name, m in modules.items()}
@@ -536,12 +553,12 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
     for module in modules.values():
         module.train()
     job.progress.update(step=step, state="running")
-    start_time, start_step, outcome = time.perf_counter(), step, "done"
+    start_time, start_step, outcome, seen = time.perf_counter(), step, "done", 0
     while step < config.max_steps:
         if job.cancelled(acc):
             outcome = "cancelled"
             break
-        sums, seen = {}, 0
+        sums = {}
         for micro in range(accum):
             with timer("data"):
                 batch = next(batches)
@@ -569,7 +586,7 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
         if step % config.log_every == 0 or step == config.max_steps or step == start_step + 1:
             losses = {k: acc.reduce(v, "mean").item() for k, v in sums.items()}
             elapsed = time.perf_counter() - start_time
-            rate = (step - start_step) * config.train_batch_size * accum * acc.num_processes / elapsed
+            rate = seen * acc.num_processes / elapsed
             eta = elapsed / (step - start_step) * (config.max_steps - step)
             job.progress.log_losses(step, losses, rate)
             job.progress.update(step=step, losses=losses, samples_per_s=rate, eta_s=eta)
