@@ -114,8 +114,11 @@ def infotext(p) -> None:
         return
     title = layouts.get_layout(info["layout"]).title
     p.extra_generation_params["BK-SDM"] = f"{info['layout']} ({info['version']})"
-    for problem in positional_conflicts(shared.opts, p):
-        p.comment(f"BK-SDM: {problem} — it does not apply to {title}.")
+    problems = positional_conflicts(shared.opts, p)
+    for problem in problems:
+        p.comment(f"BK-SDM: {problem} — it does not apply to {title}.")  # shown under the image
+    if problems:  # and kept with the image, also for API callers (who do not get the comments)
+        p.extra_generation_params["BK-SDM warning"] = ", ".join(problem.split()[0] for problem in problems)
 
 
 def setup() -> None:

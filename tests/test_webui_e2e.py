@@ -1,0 +1,299 @@
+"""End to end in a real AUTOMATIC1111 WebUI (headless, CPU): install, list, load, generate, refuse.
+
+Needs a WebUI checkout and its venv (see README, "End-to-end tests"):
+    WEBUI_DIR=/path/to/stable-diffusion-webui  WEBUI_PYTHON=/path/to/venv/bin/python
+and, offline, HF_HOME holding the openai/clip-vit-large-patch14 tokenizer and config.
+The test links this repository into a fresh data dir's extensions/, runs install.py as the WebUI
+does, writes full-size random BK checkpoints (the way a user makes them: a diffusers folder
+converted with `bksdm convert`) and drives the WebUI through its HTTP API.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.webui, pytest.mark.slow]
+
+WEBUI_DIR = os.environ.get("WEBUI_DIR")
+WEBUI_PYTHON = os.environ.get("WEBUI_PYTHON")
+if not (WEBUI_DIR and WEBUI_PYTHON):
+    pytest.skip("real-WebUI tests: set WEBUI_DIR (a stable-diffusion-webui v1.6-1.10 checkout with its "
+                "repositories/) and WEBUI_PYTHON (its venv's python); offline, also HF_HOME with the CLIP "
+                "tokenizer. See README, 'End-to-end tests'.", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("BKSDM_E2E_DIR", "/tmp/bksdm-e2e"))  # generated checkpoints are kept for reuse
+BK_FILES = {  # name: (layout, version)
+    "base-v1": ("base", "v1"),
+    "small-v1": ("small", "v1"),
+    "tiny-v1": ("tiny", "v1"),
+    "small-v2-768": ("small", "v2-768"),
+}
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+def _write_checkpoint(target: Path, layout: str, version: str) -> Path:
+    """A full-size random pipeline folder converted to a WebUI single file, as a user would."""
+    if target.exists():
+        return target
+    from bksdm_ext.convert import convert
+    from tiny import write_full_size_pipeline
+
+    folder = WORK / "src" / target.stem
+    shutil.rmtree(folder, ignore_errors=True)
+    write_full_size_pipeline(folder, layout, version, seed=len(target.stem))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    convert(folder, target, half=True)
+    shutil.rmtree(folder)
+    return target
+
+
+def _write_broken_checkpoints(small: Path) -> dict[str, Path]:
+    from safetensors.torch import load_file, save_file
+
+    broken = WORK / "ckpts" / "BK-SDM"
+    truncated = broken / "truncated-small.safetensors"
+    if not truncated.exists():
+        with open(small, "rb") as src, open(truncated, "wb") as dst:
+            dst.write(src.read(50_000_000))
+    missing = broken / "missing-tensor-small.safetensors"
+    if not missing.exists():
+        tensors = load_file(str(small))
+        del tensors["model.diffusion_model.output_blocks.3.1.proj_out.weight"]
+        save_file(tensors, str(missing))
+    return {"truncated": truncated, "missing": missing}
+
+
+def _write_lora(folder: Path) -> Path:
+    """A LoRA in LDM module naming (as our DreamBooth exports) on a block BK-SDM-Small has."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    generator = torch.Generator().manual_seed(0)
+    save_file({f"{name}.lora_down.weight": torch.randn(4, 320, generator=generator),
+               f"{name}.lora_up.weight": torch.randn(320, 4, generator=generator),
+               f"{name}.alpha": torch.tensor(4.0)}, str(folder / "bk-test.safetensors"))
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WebUI:
+    def __init__(self, port: int, process: subprocess.Popen, log: Path):
+        self.base = f"http://127.0.0.1:{port}"
+        self.process = process
+        self.log = log
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method,
+                                         headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def get(self, path: str) -> dict:
+        status, body = self.call("GET", path)
+        assert status == 200, (path, status, body)
+        return body
+
+    def post(self, path: str, body: dict | None = None) -> dict:
+        status, answer = self.call("POST", path, body or {})
+        assert status == 200, (path, status, answer)
+        return answer
+
+    def titles(self) -> dict[str, str]:
+        return {Path(m["filename"]).stem: m["title"] for m in self.get("/sdapi/v1/sd-models")}
+
+    def switch(self, name: str) -> dict:
+        self.post("/sdapi/v1/options", {"sd_model_checkpoint": self.titles()[name]})
+        return self.get("/bksdm/v1/model")
+
+    def txt2img(self, **extra) -> dict:
+        body = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 1234,
+                "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 7} | extra
+        return self.post("/sdapi/v1/txt2img", body)
+
+
+@pytest.fixture(scope="module")
+def webui():
+    sys.path.insert(0, str(REPO / "tests"))
+    data = WORK / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    (data / "extensions").mkdir(parents=True)
+    os.symlink(REPO, data / "extensions" / "sd-webui-bk-sdm")
+    files = {name: _write_checkpoint(WORK / "ckpts" / "BK-SDM" / f"{name}.safetensors", *spec)
+             for name, spec in BK_FILES.items()}
+    files["sd1-teacher"] = _write_checkpoint(WORK / "ckpts" / "sd1-teacher.safetensors", "teacher", "v1")
+    files.update(_write_broken_checkpoints(files["small-v1"]))
+    port = _free_port()
+    log = WORK / "webui.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [WEBUI_PYTHON, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-install",
+               "--skip-version-check", "--use-cpu", "all", "--no-half", "--no-half-vae", "--api",
+               "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model",
+               "--disable-nan-check", "--data-dir", str(data), "--ckpt-dir", str(WORK / "ckpts"),
+               "--lora-dir", str(_write_lora(WORK / "lora")),
+               "--ckpt", str(files["small-v1"])]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=WEBUI_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = WebUI(port, process, log)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        assert process.poll() is None, f"the WebUI exited: see {log}"
+        try:
+            if server.get("/bksdm/v1/model").get("loaded"):
+                break
+        except (urllib.error.URLError, ConnectionError, AssertionError):
+            pass
+        time.sleep(3)
+    else:
+        pytest.fail(f"the WebUI did not load its model in 15 minutes: see {log}")
+    yield server
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(60)
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+def test_install_py_only_adds_packages_and_is_quick_when_done(tmp_path):
+    freeze = lambda: dict(  # noqa: E731
+        line.split("==", 1) for line in subprocess.run([WEBUI_PYTHON, "-m", "pip", "freeze"], capture_output=True,
+                                                       text=True, check=True).stdout.splitlines() if "==" in line)
+    before = freeze()
+    env = dict(os.environ, PYTHONPATH=WEBUI_DIR)
+    subprocess.run([WEBUI_PYTHON, str(REPO / "install.py")], cwd=WEBUI_DIR, env=env, check=True)
+    after = freeze()
+    assert {k: v for k, v in before.items() if after.get(k) != v} == {}, "install.py changed a WebUI package"
+    assert {"diffusers", "peft"} <= set(after)
+    start = time.perf_counter()
+    subprocess.run([WEBUI_PYTHON, str(REPO / "install.py")], cwd=WEBUI_DIR, env=env, check=True)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_bk_checkpoints_are_listed(webui):
+    titles = webui.titles()
+    for name in BK_FILES:
+        assert titles[name].startswith(f"BK-SDM/{name}.safetensors")
+
+
+@pytest.mark.parametrize("name", list(BK_FILES))
+def test_each_bk_layout_loads_whole_and_generates(webui, name):
+    layout, version = BK_FILES[name]
+    report = webui.switch(name)["loaded"]
+    assert report["checkpoint"] == webui.titles()[name]
+    assert (report["layout"], report["version"]) == (layout, version)
+    assert report["prediction_type"] == ("v_prediction" if version == "v2-768" else "epsilon")
+    keys = report["keys"]
+    assert keys["missing"] == keys["unexpected"] == keys["mismatched"] == []
+    if version.startswith("v2"):  # SD2's never-run last text block and projection, listed apart
+        assert keys["unused"] and all(k.startswith("cond_stage_model.model.") for k in keys["unused"])
+    else:
+        assert keys["unused"] == []
+    check = webui.post("/bksdm/v1/model/verify")
+    assert check["max_abs_diff"] <= 1e-4 and check["output_std"] > 0.01
+    result = webui.txt2img()
+    assert len(result["images"]) == 1
+    assert f"BK-SDM: {layout} ({version})" in json.loads(result["info"])["infotexts"][0]
+    image = result["images"][0]
+    img2img = webui.post("/sdapi/v1/img2img", {"init_images": [image], "prompt": "a cat", "steps": 3,
+                                               "denoising_strength": 0.8, "width": 64, "height": 64,
+                                               "sampler_name": "Euler a"})
+    assert len(img2img["images"]) == 1
+
+
+def image(encoded: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(encoded)))
+
+
+def pixels(encoded: str) -> bytes:
+    return image(encoded).convert("RGB").tobytes()  # the PNG also carries the infotext
+
+
+def test_hires_fix_on_a_bk_layout(webui):
+    webui.switch("tiny-v1")
+    result = webui.txt2img(enable_hr=True, hr_scale=2, hr_second_pass_steps=1, denoising_strength=0.5,
+                           hr_upscaler="Latent")
+    assert image(result["images"][0]).size == (128, 128)
+
+
+@pytest.mark.parametrize("broken", ["truncated", "missing"])
+def test_broken_bk_file_is_refused_and_the_previous_model_still_generates(webui, broken):
+    webui.switch("base-v1")
+    name = {"truncated": "truncated-small", "missing": "missing-tensor-small"}[broken]
+    webui.post("/sdapi/v1/options", {"sd_model_checkpoint": webui.titles()[name]})
+    report = webui.get("/bksdm/v1/model")
+    assert report["loaded"]["layout"] == "base"
+    assert ("truncated or corrupt" if broken == "truncated" else "1 missing") in report["last_refusal"]["message"]
+    assert webui.get("/sdapi/v1/options")["sd_model_checkpoint"] == webui.titles()["base-v1"]
+    # through a generation request's override the refusal is the request's error
+    status, answer = webui.call("POST", "/sdapi/v1/txt2img", {
+        "prompt": "x", "steps": 1, "width": 64, "height": 64,
+        "override_settings": {"sd_model_checkpoint": webui.titles()["truncated-small"]}})
+    assert status >= 400 and "truncated or corrupt" in json.dumps(answer)
+    assert len(webui.txt2img()["images"]) == 1
+    assert webui.get("/bksdm/v1/model")["loaded"]["layout"] == "base"
+
+
+def test_switching_to_standard_sd_and_back(webui):
+    webui.switch("small-v1")
+    sd = webui.switch("sd1-teacher")["loaded"]
+    assert sd["layout"] is None and sd["keys"]["missing"] == []
+    assert "BK-SDM" not in json.loads(webui.txt2img()["info"])["infotexts"][0]
+    back = webui.switch("small-v1")["loaded"]
+    assert back["layout"] == "small" and back["keys"]["missing"] == []
+    assert webui.post("/bksdm/v1/model/verify")["max_abs_diff"] <= 1e-4
+
+
+def test_the_tab_is_in_the_ui(webui):
+    config = webui.get("/config")
+    labels = [c.get("props", {}).get("label") for c in config["components"]]
+    assert "BK-SDM" in labels
+
+
+def test_lora_in_ldm_naming_applies_to_a_bk_layout(webui):
+    webui.switch("small-v1")
+    plain = pixels(webui.txt2img(prompt="a photo of a cat")["images"][0])
+    off = webui.txt2img(prompt="a photo of a cat <lora:bk-test:0>")
+    on = webui.txt2img(prompt="a photo of a cat <lora:bk-test:1>")
+    assert pixels(off["images"][0]) == plain
+    assert pixels(on["images"][0]) != plain
+    assert "bk-test" in json.loads(on["info"])["infotexts"][0]
+
+
+def test_positional_extensions_are_reported_on_bk_layouts(webui):
+    webui.switch("small-v1")
+    webui.post("/sdapi/v1/options", {"hypertile_enable_unet": True})
+    try:
+        infotext = json.loads(webui.txt2img()["info"])["infotexts"][0]
+        assert "BK-SDM warning: Hypertile" in infotext
+    finally:
+        webui.post("/sdapi/v1/options", {"hypertile_enable_unet": False})
