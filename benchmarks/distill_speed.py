@@ -207,8 +207,8 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
         results[name] = json.loads(line[0][len("RESULT "):])
         r = results[name]
-        print(f"{name:24s} {r['step_s']:7.2f} s/step  {1 / r['step_s']:.3f} samples/s  peak RSS {r['peak_rss_gb']:.1f} GB",
-              flush=True)
+        print(f"{name:24s} {r['step_s']:7.2f} s/step  {1 / r['step_s']:.3f} samples/s  "
+              f"peak RSS {r['peak_rss_gb']:.1f} GB", flush=True)
     report(results, args)
 
 

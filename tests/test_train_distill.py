@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -310,8 +308,8 @@ def test_two_process_accelerate_run_has_two_ranks_and_firing_hooks(tmp_path, tin
     data = write_images(tmp_path / "data", 4)
     job = tmp_path / "job"
     job.mkdir()
-    DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **small_settings(max_steps=2, checkpoint_every=2)).save(
-        job / "config.toml")
+    settings = small_settings(max_steps=2, checkpoint_every=2)
+    DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings).save(job / "config.toml")
     accelerate = Path(sys.executable).with_name("accelerate")
     env = one_thread_env()
     result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -358,7 +356,8 @@ def test_latent_cache_is_built_once_reused_and_invalidated(tmp_path, tiny_pipeli
 
     data = write_images(tmp_path / "data", 3)
     settings = small_settings(max_steps=1, cache=True, cache_dir=str(tmp_path / "cache"), train_batch_size=3)
-    assert distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), tmp_path / "a") == "done"
+    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings)
+    assert distill.train(config, tmp_path / "a") == "done"
     out = capsys.readouterr().out
     assert "Building the latent cache" in out and "3 pairs x" in out
     shards = list((tmp_path / "cache").glob("*/shard-*.safetensors"))

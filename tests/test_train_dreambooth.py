@@ -101,7 +101,8 @@ def test_full_run_trains_unet_and_text_encoder_and_loads_strictly_in_ldm(tmp_pat
     # frozen text encoder when asked; the class images of the first job are reused, not regenerated
     stamps = {p.name: p.stat().st_mtime_ns for p in (job / "class_images").glob("*.png")}
     job2 = tmp_path / "job2"
-    frozen = DreamBoothConfig(**{**config.to_dict(), "train_text_encoder": False, "class_data": str(job / "class_images")})
+    frozen = DreamBoothConfig(**{**config.to_dict(), "train_text_encoder": False,
+                                 "class_data": str(job / "class_images")})
     assert dreambooth.train(frozen, job2) == "done"
     assert {p.name: p.stat().st_mtime_ns for p in (job / "class_images").glob("*.png")} == stamps
     assert not (job2 / "class_images").exists()
@@ -167,7 +168,7 @@ def test_lora_run_lowers_the_instance_loss_and_exports_webui_and_diffusers_files
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in lora
     assert lora["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha"].item() == 4.0
     diffusers_form = load_file(str(diffusers_lora))
-    assert any(k.startswith("unet.") for k in diffusers_form) and any(k.startswith("text_encoder.") for k in diffusers_form)
+    assert {k.split(".")[0] for k in diffusers_form} == {"unet", "text_encoder"}
 
 
 # --- the WebUI LoRA file ------------------------------------------------------------------------

@@ -59,7 +59,8 @@ class JobConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in _ordered_fields(type(self)) if getattr(self, f.name) is not None}
+        values = {f.name: getattr(self, f.name) for f in _ordered_fields(type(self))}
+        return {name: _plain(value) for name, value in values.items() if value is not None}  # TOML has no null
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -112,10 +113,10 @@ class TrainConfig(JobConfig):
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 = no clipping).")
-    optimizer: str = _f("adamw", "adamw: torch's fused/foreach AdamW; adamw8bit: bitsandbytes 8-bit AdamW (GPU, if installed).",
+    optimizer: str = _f("adamw", "adamw: torch's fused AdamW; adamw8bit: bitsandbytes 8-bit AdamW (GPU, if installed).",
                         OPTIMIZERS)
-    mixed_precision: str = _f("fp16", "Autocast precision of the trained model: fp16 needs a GPU (bf16 is used on CPU).",
-                              MIXED_PRECISION)
+    mixed_precision: str = _f("fp16", "Autocast precision of the trained model: fp16 needs a GPU "
+                                      "(bf16 is used on CPU).", MIXED_PRECISION)
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, slower.")
     channels_last: bool = _f(True, "Channels-last memory format for the U-Nets: faster convolutions on GPUs "
                                    "(on a CPU it is slower and not used).")

@@ -263,7 +263,8 @@ def make_optimizer(params, config, device: torch.device):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise BKSDMError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, or use adamw.") from None
+            raise BKSDMError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, "
+                             "or use adamw.") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
@@ -488,7 +489,8 @@ class Job:
         seed_everything(config.seed + self.accelerator.process_index)
         # noise and timesteps come from their own generator so that nothing else (data loader
         # start-up, library code) shifts them: a resumed run draws exactly what a straight one does
-        self.generator = torch.Generator(self.accelerator.device).manual_seed(config.seed + self.accelerator.process_index)
+        rank = self.accelerator.process_index
+        self.generator = torch.Generator(self.accelerator.device).manual_seed(config.seed + rank)
 
     @property
     def device(self) -> torch.device:
@@ -498,8 +500,8 @@ class Job:
         say(self.accelerator, message)
 
 
-def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, render=None, ema_decay: float | None = None,
-        resume: str | None = None) -> tuple[str, EMA | None]:
+def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, render=None,
+        ema_decay: float | None = None, resume: str | None = None) -> tuple[str, EMA | None]:
     """Train `modules` on `loss_fn(batch) -> (loss, {term: tensor})` until max_steps.
 
     Returns ('done' or 'cancelled', the EMA or None).
@@ -602,7 +604,8 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
     if outcome == "cancelled" or (config.checkpoint_every and step == config.max_steps and step > start_step):
         checkpoint_now()
     if outcome == "cancelled":
-        job.progress.update(state="cancelled", step=step, message=f"Cancelled at step {step}; resume with --resume latest.")
+        job.progress.update(state="cancelled", step=step,
+                            message=f"Cancelled at step {step}; resume with --resume latest.")
         job.say(f"Cancelled at step {step}.")
     return outcome, ema
 

@@ -129,7 +129,8 @@ def _conditioning(batch, parts, device, generator):
 def build_cache(job: Job, config: DistillConfig, items, parts):
     root = Path(config.cache_dir) if config.cache_dir else latent_cache.default_cache_dir()
     encoder = parts["text_encoder"]
-    size = latent_cache.bytes_per_pair(config.resolution, encoder.config.hidden_size, parts["tokenizer"].model_max_length)
+    size = latent_cache.bytes_per_pair(config.resolution, encoder.config.hidden_size,
+                                       parts["tokenizer"].model_max_length)
     cache = latent_cache.LatentCache(root, latent_cache.cache_key(items, config.resolution, parts), items,
                                      config.resolution)
     if cache.complete:

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from .. import layouts
-from ..errors import BKSDMError
 from .config import DreamBoothConfig
 from .core import Job, apply_speedups, fit, half_dtype, render_samples
 from .data import Batches, CaptionedImages, list_images
@@ -39,7 +38,8 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
     check_output_free(job, name)
     parts = load_parts(config.base_model)
     layout = layout_of(parts["unet"].config)
-    job.say(f"Base model: {layouts.get_layout(layout).title}; {len(instance_images)} instance images; mode {config.mode}.")
+    job.say(f"Base model: {layouts.get_layout(layout).title}; {len(instance_images)} instance images; "
+            f"mode {config.mode}.")
     class_images = []
     if config.prior_preservation:
         class_dir = Path(config.class_data) if config.class_data else job.job_dir / "class_images"
