@@ -19,7 +19,9 @@ def make_runner(data_dir, **settings) -> Runner:
     options.update(settings)
     hooks = {k: options.pop(k) for k in ("before_gpu_job", "after_queue_empty") if k in options}
     kinds = options.pop("kinds", {"count": KIND})
-    return Runner(data_dir, RunnerSettings(**options), kinds=kinds, env={"PYTHONPATH": TESTS_DIR}, **hooks)
+    # tiny models run fastest on one thread, and the jobs of a test must not crowd each other
+    env = {"PYTHONPATH": TESTS_DIR, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return Runner(data_dir, RunnerSettings(**options), kinds=kinds, env=env, **hooks)
 
 
 def wait_for(runner: Runner, job_id: str, states, timeout: float = 60.0, poll: bool = True):

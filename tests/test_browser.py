@@ -31,7 +31,8 @@ def app(tmp_path):
     port = free_port()
     log = open(tmp_path / "app.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "bksdm_ext.cli", "app", "--data-dir", str(tmp_path / "data"),
-                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})  # tiny models
     url = f"http://127.0.0.1:{port}/"
     try:
         import httpx
@@ -66,6 +67,7 @@ def browser():
         browser.close()
 
 
+STEPS = 120
 DROPDOWNS = {"layout", "mixed_precision", "optimizer"}  # the config fields with `choices`
 
 
@@ -109,7 +111,9 @@ def test_distill_from_the_browser(app, browser, tiny_pipeline_v1, tmp_path):
     page.goto(app)
     page.locator("#bksdm_distill_teacher").wait_for()
 
-    values = tiny_distill_values(tiny_pipeline_v1, write_tiny_dataset(tmp_path / "dataset"), steps=8)
+    # enough steps that a person (and this test) can watch it and cancel it midway on a fast machine
+    values = tiny_distill_values(tiny_pipeline_v1, write_tiny_dataset(tmp_path / "dataset"), steps=STEPS)
+    values["checkpoint_every"] = 20
     page.locator("#bksdm_distill_more").get_by_text("Training recipe").click()  # the recipe fields live in a closed accordion
     for field, value in values.items():
         fill(page, field, value)
@@ -121,7 +125,7 @@ def test_distill_from_the_browser(app, browser, tiny_pipeline_v1, tmp_path):
 
     page.locator("button", has_text="Jobs").first.click()
     log = page.locator("#bksdm_log textarea")
-    wait_page(lambda: fraction(page) > 0 and "step 1/8" in log.input_value(), 180, "the first steps", page)
+    wait_page(lambda: fraction(page) > 0 and f"step 1/{STEPS}" in log.input_value(), 180, "the first steps", page)
     first, first_log = fraction(page), log.input_value()
     wait_page(lambda: fraction(page) > first, 120, "the progress bar to advance", page)
     assert log.input_value() != first_log  # the log tail follows the job
