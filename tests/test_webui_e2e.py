@@ -116,6 +116,11 @@ class WebUI:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"null")
 
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(60)
+
     def get(self, path: str) -> dict:
         status, body = self.call("GET", path)
         assert status == 200, (path, status, body)
@@ -140,43 +145,52 @@ class WebUI:
 
 
 @pytest.fixture(scope="module")
-def webui():
+def checkpoints() -> dict[str, Path]:
     sys.path.insert(0, str(REPO / "tests"))
-    data = WORK / "data"
-    shutil.rmtree(data, ignore_errors=True)
-    (data / "extensions").mkdir(parents=True)
-    os.symlink(REPO, data / "extensions" / "sd-webui-bk-sdm")
     files = {name: _write_checkpoint(WORK / "ckpts" / "BK-SDM" / f"{name}.safetensors", *spec)
              for name, spec in BK_FILES.items()}
     files["sd1-teacher"] = _write_checkpoint(WORK / "ckpts" / "sd1-teacher.safetensors", "teacher", "v1")
     files.update(_write_broken_checkpoints(files["small-v1"]))
+    return files
+
+
+def launch(name: str, ckpt: Path, *flags: str) -> WebUI:
+    """A WebUI with this extension in a fresh data dir, once its model is loaded."""
+    data = WORK / f"data-{name}"
+    shutil.rmtree(data, ignore_errors=True)
+    (data / "extensions").mkdir(parents=True)
+    os.symlink(REPO, data / "extensions" / "sd-webui-bk-sdm")
     port = _free_port()
-    log = WORK / "webui.log"
+    log = WORK / f"webui-{name}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     command = [WEBUI_PYTHON, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-install",
                "--skip-version-check", "--use-cpu", "all", "--no-half", "--no-half-vae", "--api",
                "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model",
                "--disable-nan-check", "--data-dir", str(data), "--ckpt-dir", str(WORK / "ckpts"),
-               "--lora-dir", str(_write_lora(WORK / "lora")),
-               "--ckpt", str(files["small-v1"])]
+               "--lora-dir", str(_write_lora(WORK / "lora")), "--ckpt", str(ckpt), *flags]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=WEBUI_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     server = WebUI(port, process, log)
     deadline = time.time() + 900
     while time.time() < deadline:
-        assert process.poll() is None, f"the WebUI exited: see {log}"
+        if process.poll() is not None:
+            pytest.fail(f"the WebUI exited: see {log}")
         try:
             if server.get("/bksdm/v1/model").get("loaded"):
-                break
+                return server
         except (urllib.error.URLError, ConnectionError, AssertionError):
             pass
         time.sleep(3)
-    else:
-        pytest.fail(f"the WebUI did not load its model in 15 minutes: see {log}")
+    server.stop()
+    pytest.fail(f"the WebUI did not load its model in 15 minutes: see {log}")
+
+
+@pytest.fixture(scope="module")
+def webui(checkpoints):
+    server = launch("main", checkpoints["small-v1"])
     yield server
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(60)
+    server.stop()
 
 
 # --- tests --------------------------------------------------------------------------------------
@@ -297,3 +311,15 @@ def test_positional_extensions_are_reported_on_bk_layouts(webui):
         assert "BK-SDM warning: Hypertile" in infotext
     finally:
         webui.post("/sdapi/v1/options", {"hypertile_enable_unet": False})
+
+
+def test_lowvram_and_sdp_attention_on_a_bk_layout(checkpoints, webui):
+    webui.stop()  # one WebUI at a time: memory
+    server = launch("lowvram", checkpoints["tiny-v1"], "--lowvram", "--opt-sdp-attention")
+    try:
+        assert "Applying attention optimization: sdp" in server.log.read_text()
+        assert server.get("/bksdm/v1/model")["loaded"]["layout"] == "tiny"
+        assert server.post("/bksdm/v1/model/verify")["max_abs_diff"] <= 1e-4
+        assert len(server.txt2img()["images"]) == 1
+    finally:
+        server.stop()
