@@ -270,3 +270,21 @@ def test_text_encoder_lora_keys_follow_the_webui_mapping_for_v1_and_v2():
     for key in te_keys:
         if "_k_proj" in key or "_out_proj" in key:
             assert not v2[f"{key}.lora_up.weight"].any()  # untrained: a zero update
+
+
+def test_lora_resume_continues_exactly_through_the_shared_core(tmp_path, tiny_small_v1, one_thread):
+    from bksdm_ext.train import dreambooth
+
+    photos = write_images(tmp_path / "photos", 2, metadata=False)
+    base = dict(base_model=str(tiny_small_v1), instance_data=str(photos), mode="lora", output_name="dog",
+                **settings(max_steps=4, checkpoint_every=2, learning_rate=1e-3, num_class_images=2))
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    dreambooth.train(DreamBoothConfig(**base), straight)
+    dreambooth.train(DreamBoothConfig(**{**base, "max_steps": 2}), halves)
+    dreambooth.train(DreamBoothConfig(**base), halves, resume="latest")
+    a, b = core.read_losses(straight), core.read_losses(halves)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a, b):
+        assert row_a["total"] == pytest.approx(row_b["total"], abs=1e-6)
+    trained = core.load_checkpoint(core.checkpoint_dirs(halves)[-1])[0]["trainable"]
+    assert trained and all(".lora_" in k for k in trained)  # only the adapters are trained and saved
