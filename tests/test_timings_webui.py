@@ -1,7 +1,8 @@
 """End to end in a real WebUI: every txt2img/img2img call adds one timing row; the benchmark route works.
 
 Needs WEBUI_DIR (a WebUI 1.6-1.10 checkout), WEBUI_PYTHON (its venv's python) and WEBUI_CKPT (an SD
-checkpoint file); HF_HOME must hold the CLIP tokenizer when running offline.
+checkpoint file); WEBUI_BK_CKPT (a BK-SDM single file, e.g. from `bksdm build-student` + `bksdm convert`)
+adds the BK side; HF_HOME must hold the CLIP tokenizer when running offline.
 """
 
 import base64
@@ -45,6 +46,13 @@ def webui(tmp_path_factory):
     data = tmp_path_factory.mktemp("webui-data")
     (data / "extensions").mkdir()
     (data / "extensions" / "sd-webui-bk-sdm").symlink_to(REPO)
+    if os.environ.get("WEBUI_BK_CKPT"):
+        models = data / "models" / "Stable-diffusion"
+        models.mkdir(parents=True)
+        bk = Path(os.environ["WEBUI_BK_CKPT"])
+        for path in [bk, bk.with_suffix(".yaml")]:
+            if path.exists():
+                (models / path.name).symlink_to(path)
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     log = open(data / "webui.log", "w")
@@ -106,18 +114,43 @@ def test_each_generation_adds_exactly_one_row(webui):
     assert (rows[-1].mode, rows[-1].denoising_strength, rows[-1].unet_calls) == ("img2img", 0.5, int(0.5 * 4) + 1)
 
 
+def _titles(base):
+    """(SD checkpoint title, BK checkpoint title or None)."""
+    titles = {Path(m["filename"]).stem: m["title"] for m in _call(f"{base}/sdapi/v1/sd-models")}
+    bk = Path(os.environ["WEBUI_BK_CKPT"]).stem if os.environ.get("WEBUI_BK_CKPT") else None
+    return titles[Path(os.environ["WEBUI_CKPT"]).stem], titles.get(bk)
+
+
+def test_a_bk_checkpoint_is_recorded_with_its_layout(webui):
+    base, db = webui
+    _, bk = _titles(base)
+    if bk is None:
+        pytest.skip("set WEBUI_BK_CKPT to a BK-SDM checkpoint file")
+    before = len(_rows(db))
+    _call(f"{base}/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler",
+                                       "override_settings": {"sd_model_checkpoint": bk}})
+    rows = _rows(db)
+    assert len(rows) == before + 1
+    assert (rows[-1].checkpoint, rows[-1].layout, rows[-1].version, rows[-1].unet_calls) == (
+        Path(os.environ["WEBUI_BK_CKPT"]).stem, "small", "v1", 2)
+
+
 def test_benchmark_route_records_the_protocol_and_returns_the_table(webui):
     base, db = webui
-    checkpoints = _call(f"{base}/sdapi/v1/sd-models")
-    title = checkpoints[0]["title"]
+    sd, bk = _titles(base)
+    chosen = [sd] + ([bk] if bk else [])
     before = len(_rows(db))
-    answer = _call(f"{base}/bksdm/v1/timings/benchmark", {"checkpoints": [title], "images": 1, "warmup": 1,
+    answer = _call(f"{base}/bksdm/v1/timings/benchmark", {"checkpoints": chosen, "images": 1, "warmup": 1,
                                                           "width": 64, "height": 64, "steps": 2})
-    rows = _rows(db)
-    assert answer["records"] == 1 and len(rows) == before + 1  # the warm-up image is not recorded
-    assert (rows[-1].source, rows[-1].sampler, rows[-1].steps, rows[-1].unet_calls) == ("webui-bench", "DPM++ 2M", 2, 2)
-    assert rows[-1].schedule == "Karras" or rows[-1].sampler.endswith("Karras")
-    (group,) = answer["groups"]
-    assert group["speedup"] == pytest.approx(1.0) and group["size"] == "64x64"
+    rows = _rows(db)[before:]
+    assert answer["records"] == len(rows) == len(chosen)  # warm-up images are not recorded
+    for row in rows:
+        assert (row.source, row.sampler, row.steps, row.unet_calls) == ("webui-bench", "DPM++ 2M", 2, 2)
+        assert row.schedule == "Karras" or row.sampler.endswith("Karras")
+    assert [row.layout for row in rows] == ["sd", "small"][:len(chosen)]
+    groups = {group["checkpoint"]: group for group in answer["groups"]}
+    assert groups[rows[0].checkpoint]["speedup"] == pytest.approx(1.0)  # the first checkpoint is the reference
+    if bk:
+        assert groups[rows[1].checkpoint]["speedup"] == pytest.approx(rows[0].total_s / rows[1].total_s)
     table = _call(f"{base}/bksdm/v1/timings?source=webui-bench")
-    assert table["records"] >= 1 and table["groups"][0]["checkpoint"] == rows[-1].checkpoint
+    assert table["records"] >= len(chosen) and {g["checkpoint"] for g in table["groups"]} >= set(groups)
