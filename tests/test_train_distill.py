@@ -398,3 +398,15 @@ def test_metadata_csv_is_read_like_jsonl(tmp_path):
     meta = read_metadata(str(data))
     assert [(p.name, c) for p, c in meta.items] == [("0.png", "a cat, sitting")]
     assert meta.skipped == {"missing caption": 1}
+
+
+def test_paper_precision_settings_run_on_cpu_as_bf16(tmp_path, tiny_pipeline_v1, one_thread, capsys):
+    from bksdm_ext.train import distill
+
+    data = write_images(tmp_path / "data", 2)
+    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
+                           **small_settings(max_steps=2, mixed_precision="fp16", teacher_half=True))
+    assert distill.train(config, tmp_path / "job") == "done"
+    assert "training in bf16 on the CPU" in capsys.readouterr().out
+    rows = core.read_losses(tmp_path / "job")
+    assert len(rows) == 2 and all(0 < row["total"] < 100 for row in rows)
