@@ -168,7 +168,7 @@ def fast(config, parts, tmp: Path, steps: int) -> dict:
     job = Job(config, tmp / "job")
     run = distill.Distillation(config, job, parts)
     start = time.perf_counter()
-    dataset = distill.build_cache(job, config, read_metadata(config.data).items, parts).dataset(True, config.seed)
+    dataset = distill.make_dataset(job, config, read_metadata(config.data).items, parts)
     cache_s = time.perf_counter() - start
 
     def make_batches(position):

@@ -41,10 +41,7 @@ def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator
     # models, and a latent/text cache or images encoded every step (the official way)
     parts = load_parts(config.teacher)
     run = Distillation(config, job, parts)
-    if config.cache:
-        dataset = build_cache(job, config, meta.items, parts).dataset(config.random_flip, config.seed)
-    else:
-        dataset = CaptionedImages(meta.items, config.resolution, config.center_crop, config.random_flip, config.seed)
+    dataset = make_dataset(job, config, meta.items, parts)
 
     def make_batches(start: int) -> Batches:
         return Batches(dataset, config.train_batch_size, config.seed, acc.process_index, acc.num_processes, start,
@@ -114,6 +111,17 @@ class Distillation:
             student_out = self.prepared(noisy, timesteps, text.float()).sample
         return distill_loss(student_out, teacher_out, target, self.student_tap.outputs(), teacher_features,
                             self.weights)
+
+
+def make_dataset(job: Job, config: DistillConfig, items, parts: dict):
+    """Cached latents and text embeddings (the encoders then leave memory unless samples need them),
+    or images and captions encoded at each step."""
+    if not config.cache:
+        return CaptionedImages(items, config.resolution, config.center_crop, config.random_flip, config.seed)
+    dataset = build_cache(job, config, items, parts).dataset(config.random_flip, config.seed)
+    if not config.sample_every:
+        del parts["vae"], parts["text_encoder"]
+    return dataset
 
 
 def _conditioning(batch, parts, device, generator):
