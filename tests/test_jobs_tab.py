@@ -42,7 +42,7 @@ def test_tab_builds_for_every_kind_and_errors_are_text(tmp_path):
         context = TabContext(runner, AccessGuard(listen=True))
         tab = build_tab(context)
         ids = {getattr(block, "elem_id", None) for block in tab.blocks.values()}
-        assert {"bksdm_distill_teacher", "bksdm_dreambooth_base_model", "bksdm_launch_distill", "bksdm_refresh",
+        assert {"bksdm_distill_teacher", "bksdm_dreambooth_base_model", "bksdm_convert_source", "bksdm_launch_distill", "bksdm_refresh",
                 "bksdm_loss_plot", "bksdm_samples", "bksdm_log", "bksdm_cancel", "bksdm_resume",
                 "bksdm_tab_timings"} <= ids
         banners = [b.value for b in tab.blocks.values() if isinstance(getattr(b, "value", None), str)]

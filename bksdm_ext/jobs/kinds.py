@@ -48,7 +48,8 @@ BUILTIN_KINDS: dict[str, JobKind] = {
     for kind in (
         JobKind("distill", "Distill", "bksdm_ext.train.config:DistillConfig"),
         JobKind("dreambooth", "DreamBooth", "bksdm_ext.train.config:DreamBoothConfig"),
-        JobKind("convert", "Import / Convert", "bksdm_ext.train.config:ConvertConfig", gpu=False),
+        JobKind("convert", "Import / Convert", "bksdm_ext.jobs.convert_job:ConvertConfig",
+                module="bksdm_ext.jobs.convert_job", gpu=False),
     )
 }
 

@@ -142,9 +142,10 @@ def _form(context: TabContext, kind: JobKind) -> None:
     own = [f for f in fields if f.own]
     rest = [f for f in fields if not f.own]
     _field_rows(own, components, kind.name)
-    with gr.Accordion("Training recipe (the paper's defaults)" if kind.gpu else "More settings", open=False,
-                      elem_id=f"bksdm_{kind.name}_more"):
-        _field_rows(rest, components, kind.name)
+    if rest:
+        with gr.Accordion("Training recipe (the paper's defaults)" if kind.gpu else "More settings", open=False,
+                          elem_id=f"bksdm_{kind.name}_more"):
+            _field_rows(rest, components, kind.name)
     launch = gr.Button(f"Launch {kind.title.lower()} job", variant="primary", elem_id=f"bksdm_launch_{kind.name}")
     result = gr.HTML(elem_id=f"bksdm_launch_result_{kind.name}")
 
