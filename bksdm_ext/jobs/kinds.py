@@ -6,7 +6,6 @@ process is `python -m MODULE KIND --job-dir DIR [--resume latest]` (the job cont
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +52,3 @@ BUILTIN_KINDS: dict[str, JobKind] = {
     )
 }
 
-
-def config_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields a form shows for a config dataclass, in declaration order."""
-    return [f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("hidden", False)]
