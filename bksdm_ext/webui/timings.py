@@ -236,6 +236,8 @@ def _load_checkpoint(title: str) -> None:
     info = sd_models.get_closet_checkpoint_match(title)
     if info is None:
         raise BKSDMError(f"No checkpoint named {title!r}: refresh the checkpoint list and pick one from it.")
+    if shared.sd_model is None:  # reading it waits for a load in progress (the WebUI's first one runs in a thread)
+        raise BKSDMError("The WebUI has no model loaded: load a checkpoint first, then run the benchmark.")
     # run_callbacks=False: the setting's own callback reloads under the queue lock, which we hold
     shared.opts.set("sd_model_checkpoint", info.title, run_callbacks=False)
     sd_models.reload_model_weights()
