@@ -88,6 +88,8 @@ def main(argv: list[str]) -> int:
 
     def checkpoint(step: int) -> str:
         final = job / "checkpoints" / f"step-{step:06d}"
+        if final.exists():  # cancelled right at a checkpoint step
+            return str(final)
         temp = final.with_name(".tmp-" + final.name)
         temp.mkdir(parents=True, exist_ok=True)
         (temp / "state.json").write_text(json.dumps({"step": step}))

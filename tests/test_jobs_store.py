@@ -58,3 +58,31 @@ def test_toml_round_trip(tmp_path):
     (tmp_path / "bad.toml").write_text("steps = = 3")
     with pytest.raises(BKSDMError, match="not valid TOML"):
         toml.read(tmp_path / "bad.toml")
+
+
+def test_a_lost_or_damaged_store_is_rebuilt_from_the_job_folders(tmp_path):
+    from jobs_helpers import make_runner, wait_for, wait_until
+
+    runner = make_runner(tmp_path / "data")
+    done = wait_for(runner, runner.submit("count", {"steps": 2, "step_s": 0.01}).id, "done")
+    stopped = runner.submit("count", {"steps": 500, "step_s": 0.05, "checkpoint_every": 1})
+    wait_until(lambda: runner.progress(stopped.id).get("step", 0) >= 2, what="two steps")
+    runner.cancel(stopped.id)
+    wait_for(runner, stopped.id, "cancelled")
+    runner.close()
+
+    store = tmp_path / "data" / "jobs.sqlite3"
+    store.write_bytes(b"garbage" * 1000)  # damaged: moved aside, never deleted
+    for path in store.parent.glob("jobs.sqlite3-*"):
+        path.unlink()
+    again = make_runner(tmp_path / "data")
+    try:
+        assert list(store.parent.glob("jobs.sqlite3.damaged-*"))
+        jobs = {job.id: job for job in again.list()}
+        assert (jobs[done.id].state, jobs[done.id].resumable) == ("done", 0)
+        assert (jobs[stopped.id].state, jobs[stopped.id].resumable) == ("cancelled", 1)
+        assert again.resume(stopped.id).state in ("queued", "running")  # usable as before
+        again.cancel(stopped.id)
+        wait_for(again, stopped.id, "cancelled")
+    finally:
+        again.close()

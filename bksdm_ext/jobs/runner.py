@@ -128,9 +128,10 @@ class Runner:
         except OSError as error:
             raise BKSDMError(f"Cannot create the BK-SDM data folder {self.data_dir} ({error.strerror}); "
                              "choose another one in the settings.") from None
-        self.store = JobStore(self.data_dir / "jobs.sqlite3")
+        self.store = self._open_store(self.data_dir / "jobs.sqlite3")
         self.settings = settings or RunnerSettings()
         self.kinds = dict(BUILTIN_KINDS if kinds is None else kinds)
+        self._register_unknown_folders()
         self.before_gpu_job = before_gpu_job
         self.after_queue_empty = after_queue_empty
         self.env = dict(env or {})
@@ -142,6 +143,45 @@ class Runner:
         self._thread: threading.Thread | None = None
 
     # --- lifecycle of the runner itself ---
+
+    @staticmethod
+    def _open_store(path: Path) -> JobStore:
+        """The job store; a damaged one is moved aside (kept for inspection) and rebuilt from the job folders."""
+        try:
+            return JobStore(path)
+        except BKSDMError as error:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                if part.exists():
+                    os.replace(part, part.with_name(f"{part.name}.damaged-{stamp}"))
+            log.warning("BK-SDM: %s Moved aside; the job list is rebuilt from the job folders.", error)
+            return JobStore(path)
+
+    def _register_unknown_folders(self) -> None:
+        """Job folders the store does not know (a rebuilt store, a folder copied in) become jobs again,
+        in the state their progress file tells."""
+        known = {job.id for job in self.store.list()}
+        for folder in sorted(self.jobs_dir.iterdir()):
+            if folder.name in known or not (folder / "config.toml").is_file():
+                continue
+            kind = folder.name.split("-", 1)[0]
+            try:
+                config = toml.read(folder / "config.toml")
+            except BKSDMError as error:
+                log.warning("BK-SDM: job folder %s not registered: %s", folder, error)
+                continue
+            progress = read_progress(folder)
+            checkpoint = has_checkpoint(folder)
+            state = progress.get("state")
+            if state not in ("done", "failed", "cancelled"):
+                state = "interrupted" if checkpoint else "failed"
+            job, created = self.store.create(folder.name, kind, str(folder), config, request_id=f"folder:{folder.name}",
+                                             dedupe_window_s=0)
+            if created:
+                updated = progress.get("updated") or folder.stat().st_mtime
+                self.store.update(job.id, state=state, created=folder.stat().st_mtime, finished=updated,
+                                  resumable=int(checkpoint and state != "done"),
+                                  message=str(progress.get("message") or "") or "Found in the data folder.")
 
     def start(self) -> "Runner":
         """Re-attach to what ran before, then poll in a background thread."""
@@ -344,8 +384,8 @@ class Runner:
 
     def _finish(self, job: Job, returncode: int | None, ours: bool) -> None:
         progress = read_progress(job.folder)
-        # A progress file from an earlier attempt says nothing about this one.
-        reported = progress.get("state") if progress.get("updated", 0) >= (job.started or 0) - 1 else None
+        # A progress file from an earlier attempt says nothing about this one (`started` precedes the spawn).
+        reported = progress.get("state") if progress.get("updated", 0) >= (job.started or 0) else None
         checkpoint = has_checkpoint(job.folder)
         message = str(progress.get("message") or "") if reported else ""
         if reported == "done":
