@@ -86,3 +86,22 @@ def test_a_lost_or_damaged_store_is_rebuilt_from_the_job_folders(tmp_path):
         wait_for(again, stopped.id, "cancelled")
     finally:
         again.close()
+
+
+def test_two_connections_creating_the_same_job_at_once_make_one(tmp_path):
+    """Two processes (the WebUI and `bksdm app`) on one data folder: BEGIN IMMEDIATE serialises them."""
+    import threading
+
+    stores = [JobStore(tmp_path / "jobs.sqlite3") for _ in range(4)]
+    barrier, results = threading.Barrier(len(stores)), []
+
+    def create(i, store):
+        barrier.wait()
+        results.append(store.create(f"job-{i}", "count", f"f{i}", {"steps": 9})[1])
+
+    threads = [threading.Thread(target=create, args=(i, s)) for i, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, False, False, True] and len(stores[0].list()) == 1
