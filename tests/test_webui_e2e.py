@@ -80,17 +80,25 @@ def _write_broken_checkpoints(small: Path) -> dict[str, Path]:
     return {"truncated": truncated, "missing": missing}
 
 
+LORAS = {  # file: (the one module it changes, its width); the same weights for the same width
+    "bk-test": ("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q", 320),  # LDM naming, as ours export
+    "bk-diffusers": ("lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", 1280),  # diffusers
+    "bk-out2": ("lora_unet_output_blocks_2_1_transformer_blocks_0_attn1_to_q", 1280),  # where that is on Small
+    "bk-out3": ("lora_unet_output_blocks_3_1_transformer_blocks_0_attn1_to_q", 1280),  # where SD numbering puts it
+}
+
+
 def _write_lora(folder: Path) -> Path:
-    """A LoRA in LDM module naming (as our DreamBooth exports) on a block BK-SDM-Small has."""
+    """Small LoRAs on single attention projections that BK-SDM-Small has."""
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
-    generator = torch.Generator().manual_seed(0)
-    save_file({f"{name}.lora_down.weight": torch.randn(4, 320, generator=generator),
-               f"{name}.lora_up.weight": torch.randn(320, 4, generator=generator),
-               f"{name}.alpha": torch.tensor(4.0)}, str(folder / "bk-test.safetensors"))
+    for file, (name, width) in LORAS.items():
+        generator = torch.Generator().manual_seed(width)
+        down, up = torch.randn(4, width, generator=generator), torch.randn(width, 4, generator=generator)
+        save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                   f"{name}.alpha": torch.tensor(4.0)}, str(folder / f"{file}.safetensors"))
     return folder
 
 
@@ -323,3 +331,10 @@ def test_lowvram_and_sdp_attention_on_a_bk_layout(checkpoints, webui):
         assert len(server.txt2img()["images"]) == 1
     finally:
         server.stop()
+
+
+def test_diffusers_named_lora_lands_on_the_bk_block(webui):
+    webui.switch("small-v1")
+    shown = {name: pixels(webui.txt2img(prompt=f"a photo of a cat <lora:{name}:1>")["images"][0])
+             for name in ("bk-diffusers", "bk-out2", "bk-out3")}
+    assert shown["bk-diffusers"] == shown["bk-out2"] != shown["bk-out3"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from modules import script_callbacks, sd_models, shared
@@ -10,6 +11,7 @@ from modules import script_callbacks, sd_models, shared
 from .. import layouts
 from . import loader
 from .decide import positional_conflicts
+from .lora_names import lora_key_to_ldm
 
 SECTION = ("bksdm", "BK-SDM")
 
@@ -121,8 +123,26 @@ def infotext(p) -> None:
         p.extra_generation_params["BK-SDM warning"] = ", ".join(problem.split()[0] for problem in problems)
 
 
+def _bk_lora_names(original):
+    def convert_diffusers_name_to_compvis(key, is_sd2):
+        layout = loader.loaded_layout()
+        converted = lora_key_to_ldm(key, layout) if layout else None
+        return converted if converted is not None else original(key, is_sd2)
+
+    return convert_diffusers_name_to_compvis
+
+
+def patch_lora_names(*_) -> None:
+    """Place diffusers-named LoRA keys by the loaded BK layout in the built-in Lora extension."""
+    networks = sys.modules.get("networks")  # extensions-builtin/Lora loads before user extensions
+    if networks is not None and hasattr(networks, "convert_diffusers_name_to_compvis"):
+        loader.wrap(networks, "convert_diffusers_name_to_compvis", _bk_lora_names)
+
+
 def setup() -> None:
     loader.install()
+    patch_lora_names()
+    script_callbacks.on_model_loaded(patch_lora_names)
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_app_started(on_app_started)
     script_callbacks.on_ui_tabs(on_ui_tabs)

@@ -148,7 +148,7 @@ def _load_with_preflight(original):
     return load_model
 
 
-def _wrap(module, name: str, make) -> None:
+def wrap(module, name: str, make) -> None:
     original = getattr(module, name)
     if getattr(original, _MARK, False):
         return  # already wrapped: "Reload UI" imports our script again
@@ -160,10 +160,16 @@ def _wrap(module, name: str, make) -> None:
 
 def install() -> None:
     """Patch the WebUI's loading; idempotent."""
-    _wrap(sd_models_config, "find_checkpoint_config", _find_checkpoint_config)
-    _wrap(sd_models, "load_model_weights", _load_model_weights)
-    _wrap(sd_models, "reload_model_weights", _reload_with_preflight)
-    _wrap(sd_models, "load_model", _load_with_preflight)
+    wrap(sd_models_config, "find_checkpoint_config", _find_checkpoint_config)
+    wrap(sd_models, "load_model_weights", _load_model_weights)
+    wrap(sd_models, "reload_model_weights", _reload_with_preflight)
+    wrap(sd_models, "load_model", _load_with_preflight)
+
+
+def loaded_layout() -> str | None:
+    """The BK layout of the loaded model, None for other models (cheap: per LoRA key, per step)."""
+    info = getattr(sd_models.model_data.sd_model, "bksdm_info", None)
+    return info.layout if info is not None else None
 
 
 def loaded_info() -> dict | None:
