@@ -51,6 +51,9 @@ def test_create_get_cancel_resume_delete(runner, client_for):
     wait_for(runner, job["id"], "done")
     done = api.get(f"/bksdm/v1/jobs/{job['id']}").json()
     assert done["progress"]["step"] == 60 and done["attempts"] == 2
+    log = api.get(f"/bksdm/v1/jobs/{job['id']}/log", params={"max_bytes": 200})
+    assert log.headers["content-type"].startswith("text/plain") and log.text.endswith("count: step 60\n")
+    assert len(log.text.encode()) <= 200
     again = api.post(f"/bksdm/v1/jobs/{job['id']}/relaunch", params={"request_id": "again-1"}).json()
     assert again["id"] != job["id"] and again["kind"] == "count"
     assert api.post(f"/bksdm/v1/jobs/{job['id']}/relaunch", params={"request_id": "again-1"}).json()["id"] == again["id"]

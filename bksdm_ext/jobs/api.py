@@ -1,6 +1,6 @@
 """The REST API `/bksdm/v1/jobs`: the same runner behind the WebUI's FastAPI app and `bksdm app`.
 
-GET /jobs, POST /jobs {kind, config, request_id}, GET /jobs/ID, POST /jobs/ID/cancel,
+GET /jobs, POST /jobs {kind, config, request_id}, GET /jobs/ID, GET /jobs/ID/log, POST /jobs/ID/cancel,
 POST /jobs/ID/resume, POST /jobs/ID/relaunch (a new job from its config.toml), DELETE /jobs/ID.
 
 Reading (list, get) is always allowed; creating, cancelling, resuming and deleting jobs pass the
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from fastapi import APIRouter, HTTPException
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from ..errors import BKSDMError
@@ -37,7 +38,8 @@ def job_view(runner: Runner, job: Job) -> dict[str, Any]:
         "created": job.created, "started": job.started, "finished": job.finished, "attempts": job.attempts,
         "resumable": bool(job.resumable),
         "progress": {key: progress.get(key) for key in (
-            "step", "total_steps", "losses", "samples_per_s", "eta_s", "last_checkpoint", "last_sample", "updated")},
+            "step", "total_steps", "losses", "samples_per_s", "eta_s", "last_checkpoint", "last_sample", "output",
+            "updated")},
     }
 
 
@@ -69,6 +71,10 @@ def jobs_router(runner: Runner, guard: AccessGuard) -> APIRouter:
     @router.get("/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:
         return _answer(lambda: job_view(runner, runner.get(job_id)))
+
+    @router.get("/jobs/{job_id}/log", response_class=PlainTextResponse)
+    def job_log(job_id: str, max_bytes: int = 32768) -> str:
+        return _answer(lambda: runner.log_tail(runner.get(job_id).id, max(0, min(max_bytes, 1 << 24))))
 
     @router.post("/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict[str, Any]:
