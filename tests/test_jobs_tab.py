@@ -6,7 +6,7 @@ from jobs_helpers import make_runner
 from bksdm_ext.jobs.guard import AccessGuard
 from bksdm_ext.jobs.kinds import BUILTIN_KINDS
 from bksdm_ext.train.config import DistillConfig, DreamBoothConfig
-from bksdm_ext.ui.tab import TabContext, _guarded, build_tab, form_fields, form_values
+from bksdm_ext.ui.tab import TabContext, _guarded, _loss_frame, build_tab, form_fields, form_values
 
 
 def as_form(field):
@@ -89,3 +89,11 @@ def test_form_defaults_of_the_host_replace_the_config_defaults(tmp_path):
         assert output.value == "/models/Stable-diffusion"
     finally:
         runner.close()
+
+
+def test_loss_chart_keeps_long_runs_light():
+    rows = [(step, term, 1.0 / step) for step in range(1, 5001) for term in ("task", "out_kd")]
+    frame = _loss_frame(rows)
+    assert len(frame) <= 2 * 1001 and frame["step"].max() == 5000 and frame["step"].min() == 1
+    assert set(frame["term"]) == {"task", "out_kd"}
+    assert len(_loss_frame(rows[:20])) == 20 and _loss_frame([]) is None

@@ -214,10 +214,15 @@ background: var(--color-accent, #f97316); border-radius: 4px"></div></div>
 <div style="opacity: .7">Folder: {html.escape(view['folder'])}</div></div>"""
 
 
-def _loss_frame(rows: list[tuple[int, str, float]]):
+def _loss_frame(rows: list[tuple[int, str, float]], max_points: int = 1000):
+    """The chart's data: every k-th logged step, so a 50K-step run stays a light refresh."""
     import pandas as pd
 
-    return pd.DataFrame(rows, columns=["step", "term", "value"]) if rows else None  # None: the empty plot
+    if not rows:
+        return None  # the empty plot
+    steps = sorted({step for step, _, _ in rows})
+    kept = set(steps[::-(-len(steps) // max_points)]) | {steps[-1]}
+    return pd.DataFrame([r for r in rows if r[0] in kept], columns=["step", "term", "value"])
 
 
 def _open_folder(path: str) -> str:
