@@ -23,7 +23,8 @@ START_TIME_TOLERANCE_S = 1.0
 def spawn(command: list[str], log_path: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     """Start `command` detached from our process group, stdout and stderr appended to `log_path`."""
     if WINDOWS:
-        flags = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+        # Sharing our console (no CREATE_NO_WINDOW) is what lets CTRL_BREAK_EVENT reach the job's group.
+        flags = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
     else:
         flags = {"start_new_session": True}
     # The log is a file, not a pipe: the job keeps writing after we die and never blocks on us.
