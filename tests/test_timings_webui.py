@@ -114,6 +114,20 @@ def test_each_generation_adds_exactly_one_row(webui):
     assert (rows[-1].mode, rows[-1].denoising_strength, rows[-1].unet_calls) == ("img2img", 0.5, int(0.5 * 4) + 1)
 
 
+def test_hires_fix_counts_both_passes_and_upscaling_is_not_sampling(webui):
+    base, db = webui
+    before = len(_rows(db))
+    _call(f"{base}/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler",
+                                       "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent",
+                                       "hr_second_pass_steps": 2, "denoising_strength": 0.5})
+    rows = _rows(db)
+    assert len(rows) == before + 1
+    row = rows[-1]
+    # first pass 2 steps; the second pass runs its 2 steps of a schedule stretched to 2 / 0.5 (the WebUI's rule)
+    assert (row.hires, row.denoising_strength, row.steps, row.unet_calls) == (True, 0.5, 2, 4)
+    assert row.sampling_s + row.vae_decode_s <= row.total_s
+
+
 def _titles(base):
     """(SD checkpoint title, BK checkpoint title or None)."""
     titles = {Path(m["filename"]).stem: m["title"] for m in _call(f"{base}/sdapi/v1/sd-models")}
