@@ -106,7 +106,7 @@ def wait_page(predicate, timeout: float, what: str, page) -> None:
         page.wait_for_timeout(300)
 
 
-def test_distill_from_the_browser(app, browser, tiny_pipeline_v1, tmp_path):
+def test_distill_from_the_browser(browser, app, tiny_pipeline_v1, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(app)
     page.locator("#bksdm_distill_teacher").wait_for()
