@@ -42,7 +42,7 @@ def test_bench_generate_records_measured_images_of_each_model(tiny_pipeline_v1, 
             "bench", "DPM++ 2M", "karras", 3, 64, 64, 7.0)
         assert r.unet_calls == 3
         assert r.sampling_s + r.vae_decode_s <= r.total_s
-        assert r.device.startswith("CPU") and r.precision == "float32" and r.attention
+        assert r.device.startswith("CPU") and r.precision == "float32" and r.attention and r.version == "v1"
         assert len(r.checkpoint_hash) == 10
     assert "speed-up" in out and small_pipeline.name in out and "1.000" in out  # the reference against itself
 

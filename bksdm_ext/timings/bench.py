@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .. import layouts
+from .. import detect, layouts
 from ..errors import BKSDMError
 from ..pipeline_folder import unet_dir
 from . import device as device_info
@@ -26,6 +26,7 @@ from .recorder import GenerationRecorder, RecorderSlot
 from .store import GenerationRecord, TimingStore, new_record_id
 
 log = logging.getLogger(__name__)
+
 
 def k_diffusion_available() -> bool:
     try:
@@ -62,21 +63,12 @@ class Pipeline:
         return DDPMScheduler.from_config(self.scheduler_config).alphas_cumprod
 
 
-def layout_of(unet_config: dict) -> str:
-    """The timing name of a diffusers U-Net's layout: "sd" for the teacher, else the BK layout name."""
-    stages = len(unet_config["block_out_channels"])
-    has_mid = unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None
-    for layout in layouts.LAYOUTS.values():
-        if (layout.layers_per_block, layout.mid_block, layout.stages) == (unet_config["layers_per_block"], has_mid, stages):
-            return layout.name if layout.is_student else "sd"
-    return "unknown"
-
-
-def version_of(unet_config: dict, prediction_type: str) -> str:
-    for version in layouts.VERSIONS.values():
-        if (version.cross_attention_dim, version.prediction_type) == (unet_config["cross_attention_dim"], prediction_type):
-            return version.name
-    return ""
+def describe_unet(unet, scheduler_config: dict) -> tuple[str, str]:
+    """(timing layout name, SD version) of a U-Net, by the project's detector: "sd" for a standard model."""
+    state_dict = unet.state_dict()
+    detection = detect.detect_unet(state_dict)
+    version = detect.resolve_version(detection, state_dict, scheduler_config=scheduler_config).version
+    return ("sd" if detection.layout == layouts.TEACHER.name else detection.layout), version
 
 
 def short_hash(path: Path) -> str:
@@ -89,7 +81,7 @@ def short_hash(path: Path) -> str:
 
 
 def load_pipeline(folder: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     unet_folder, root = unet_dir(folder)
@@ -104,12 +96,10 @@ def load_pipeline(folder: str | os.PathLike, device: str = "cpu", dtype: torch.d
     vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device).eval()
     text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    from diffusers import DDPMScheduler
-
     scheduler_config = dict(DDPMScheduler.load_config(root / "scheduler"))
-    prediction = scheduler_config.get("prediction_type", "epsilon")
+    layout, version = describe_unet(unet, scheduler_config)
     return Pipeline(name=root.name, checkpoint_hash=short_hash(weights[0]) if weights else "",
-                    layout=layout_of(unet.config), version=version_of(unet.config, prediction),
+                    layout=layout, version=version,
                     unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     scheduler_config=scheduler_config, device=device, dtype=dtype)
 
