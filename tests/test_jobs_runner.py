@@ -253,6 +253,18 @@ def test_vram_handoff_hooks_run_around_the_gpu_queue(tmp_path):
     finally:
         runner.close()
 
+    nothing = []  # a hook with nothing to unload (no CUDA) says so: no reload, no "unloaded" banner
+    cpu = make_runner(tmp_path / "cpu", vram_handoff=True, before_gpu_job=lambda: nothing.append(1) or False,
+                      after_queue_empty=lambda: nothing.append(2))
+    try:
+        job = cpu.submit("count", {"steps": 1, "step_s": 0.05})
+        assert not cpu.handoff_active
+        wait_for(cpu, job.id, "done")
+        cpu.poll()
+        assert nothing == [1]
+    finally:
+        cpu.close()
+
     calls = []
     off = make_runner(tmp_path / "off", before_gpu_job=lambda: calls.append(1), after_queue_empty=lambda: calls.append(2))
     try:

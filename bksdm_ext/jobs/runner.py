@@ -62,7 +62,9 @@ class LaunchSettings:
 @dataclass
 class RunnerSettings:
     max_gpu_jobs: int = 1  # queue policy: GPU jobs running at once
-    vram_handoff: bool = False  # call before_gpu_job / after_queue_empty (the WebUI's model unload/reload)
+    # Call before_gpu_job before a GPU job starts and after_queue_empty once the GPU queue is empty (the
+    # WebUI's model unload/reload); before_gpu_job returns False when it had nothing to unload.
+    vram_handoff: bool = False
     poll_s: float = 1.0
     cancel_grace_s: float = 60.0  # after `cancel` is created, before SIGTERM
     kill_timeout_s: float = 30.0  # after SIGTERM, before the process tree is killed
@@ -371,7 +373,11 @@ class Runner:
             self._start_queued()
             if self.handoff_active and not self._gpu_work_left():
                 self.handoff_active = False
-                self._call_hook(self.after_queue_empty, "after_queue_empty")
+                if self.after_queue_empty is not None:
+                    try:
+                        self.after_queue_empty()
+                    except Exception:  # the WebUI's reload: report, never take the runner down
+                        log.exception("BK-SDM job runner: after_queue_empty failed")
 
     def _escalate_cancel(self, job: Job, now: float) -> None:
         if job.state != "cancelling" or job.cancel_requested is None or not job.pid:
@@ -426,25 +432,18 @@ class Runner:
                     if job.message != waiting and not job.message.startswith("Queued to"):
                         self.store.update(job.id, expect=("queued",), message=waiting)
                     continue
-                if self.settings.vram_handoff and not self.handoff_active:
-                    if not self._call_hook(self.before_gpu_job, "before_gpu_job", job):
+                if self.settings.vram_handoff and not self.handoff_active and self.before_gpu_job is not None:
+                    try:
+                        unloaded = self.before_gpu_job()
+                    except Exception as error:  # the WebUI's unload: the job fails, the runner goes on
+                        log.exception("BK-SDM job runner: before_gpu_job failed")
+                        self.store.update(job.id, expect=("queued",), state="failed", finished=time.time(),
+                                          message=f"Could not free the GPU for this job ({error}).")
                         continue
-                    self.handoff_active = True
+                    # A hook that had nothing to unload (no CUDA, setting off) returns False: nothing to reload.
+                    self.handoff_active = unloaded is not False
                 gpu_running += 1
             self._launch(job, kind)
-
-    def _call_hook(self, hook: Callable[[], None] | None, name: str, job: Job | None = None) -> bool:
-        if hook is None:
-            return True
-        try:
-            hook()
-            return True
-        except Exception as error:  # the WebUI's unload/reload: report, never take the runner down
-            log.exception("BK-SDM job runner: %s failed", name)
-            if job is not None:
-                self.store.update(job.id, expect=("queued",), state="failed", finished=time.time(),
-                                  message=f"Could not free the GPU for this job ({error}).")
-            return False
 
     def _launch(self, job: Job, kind: JobKind) -> None:
         # Claim the job first, so two runners on one data folder never start it twice.
