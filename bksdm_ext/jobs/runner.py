@@ -120,7 +120,7 @@ class Runner:
 
     def __init__(self, data_dir: str | os.PathLike, settings: RunnerSettings | None = None,
                  kinds: dict[str, JobKind] | None = None,
-                 before_gpu_job: Callable[[], None] | None = None,
+                 before_gpu_job: Callable[[], bool | None] | None = None,
                  after_queue_empty: Callable[[], None] | None = None,
                  env: dict[str, str] | None = None):
         self.data_dir = Path(data_dir)
