@@ -6,7 +6,8 @@ Three measurements:
 1. End to end: a tiny U-Net in k-diffusion's DPM++ 2M loop (CFG batch of 2), images generated
    alternately with recording off (no hooks installed) and on (hooks, recorder, record, store insert).
 2. Per U-Net call: a hooked forward with an active recorder against the same forward without hooks,
-   on a module that does almost nothing, so the hooks' cost is not lost in the U-Net's time.
+   on a module that does almost nothing, so the hooks' cost is not lost in the U-Net's time; plus
+   what the WebUI adapter's CFG callbacks add per evaluation.
 3. Per image: what recording adds once per image (recorder start/finish, the record, the insert).
 Targets (issue 7): at most 50 us per U-Net call and 5 ms per image.
 """
@@ -120,6 +121,30 @@ def per_call(calls: int = 20_000, repeats: int = 7) -> tuple[float, float]:
     return statistics.median(plain), statistics.median(hooked)
 
 
+def per_webui_evaluation(calls: int = 20_000, repeats: int = 7) -> float:
+    """Median seconds that the WebUI adapter adds per sampler evaluation on top of the hooks: its two CFG
+    callbacks (bksdm_ext.webui.timings: re-check the model's hooks, mark the evaluation), as core calls."""
+    unet, decoder = torch.nn.Identity(), torch.nn.Identity()
+    slot = RecorderSlot("overhead")
+    slot.hook_unet(unet)
+    slot.hook_decoder(decoder)
+    recorder = GenerationRecorder("cpu")
+    recorder.begin_sampling()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            slot.hook_unet(unet)  # on_cfg_denoiser: hook_model on the current model, a no-op once hooked
+            slot.hook_decoder(decoder)
+            if not recorder.sampling_open:
+                recorder.begin_sampling()
+            recorder.begin_evaluation()
+            recorder.end_evaluation()  # on_cfg_denoised
+        times.append((time.perf_counter() - start) / calls)
+    slot.remove_hooks()
+    return statistics.median(times)
+
+
 def per_image(store: TimingStore, repeats: int = 200) -> float:
     """Median seconds of the once-per-image work of recording (20 evaluations' marks included)."""
     described = device_info.describe_cached("cpu")
@@ -148,6 +173,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder, TimingStore(Path(folder) / "timings.sqlite3") as store:
         off, on, calls = end_to_end(args.rounds, args.steps, store)
         plain, hooked = per_call()
+        callbacks = per_webui_evaluation()
         fixed = per_image(store)
     off_ms, on_ms = statistics.median(off) * 1000, statistics.median(on) * 1000
     pairs = sorted((b - a) * 1000 for a, b in zip(off, on))
@@ -159,6 +185,8 @@ def main() -> None:
     added_us = (hooked - plain) * 1e6
     print(f"2. per U-Net call: {plain * 1e6:.2f} us without hooks, {hooked * 1e6:.2f} us with hooks and an "
           f"active recorder: +{added_us:.2f} us (target <= 50 us)")
+    print(f"   + the WebUI's two CFG callbacks per evaluation: {callbacks * 1e6:.2f} us, "
+          f"so {added_us + callbacks * 1e6:.2f} us per evaluation in the WebUI")
     print(f"3. per image, recorder + record + SQLite insert: {fixed * 1000:.3f} ms; with {calls} hooked calls: "
           f"{fixed * 1000 + calls * added_us / 1000:.3f} ms (target <= 5 ms)")
 
