@@ -66,7 +66,8 @@ def test_both_backends_compute_the_same_dpmpp_2m_karras(tiny_pipeline_v1):
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     k = sample_k_diffusion(pipe, protocol, cond, uncond, noise)
     d = sample_diffusers(pipe, protocol, cond, uncond, noise)
-    assert torch.nn.functional.cosine_similarity(k.flatten(), d.flatten(), dim=0) > 0.99
+    # same method: 0.99995 here; another sampler (Euler) or schedule (normal) gives about 0.995
+    assert torch.nn.functional.cosine_similarity(k.flatten(), d.flatten(), dim=0) > 0.9995
 
 
 def test_bench_generate_refuses_a_unet_folder_with_a_clear_message(tiny_pipeline_v1, tmp_path, capsys):
