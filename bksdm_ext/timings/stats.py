@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from statistics import median
 from typing import Iterable
 
+from ..errors import BKSDMError
 from .recorder import percentile
 from .store import GenerationRecord
 
@@ -149,7 +150,11 @@ def per_step_frame(records: list[GenerationRecord]):
 
 def save_plots_png(rows: list[GroupRow], records: list[GenerationRecord], path: str | os.PathLike) -> None:
     """Both plots side by side in one PNG (matplotlib), written atomically."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise BKSDMError("PNG plots need matplotlib: `pip install matplotlib`, or see the plots in the "
+                         "BK-SDM tab's Timings view.") from error
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
