@@ -9,12 +9,13 @@ WebUI manages xformers itself, and Jetson (aarch64) machines must not get them.
 """
 
 import importlib.metadata
+import sys
 
 # distribution, lowest and highest version that work with the WebUI's pins, what to install
 NEEDS = (
     ("diffusers", (0, 29, 0), (0, 31, 999), "diffusers==0.31.0"),
     ("peft", (0, 7, 0), (0, 13, 2), "peft==0.13.2"),
-)
+) + ((("tomli", (1, 1, 0), (99, 0, 0), "tomli==2.0.1"),) if sys.version_info < (3, 11) else ())  # job configs
 
 
 def _version(text):

@@ -41,17 +41,27 @@ def _guard():
     return ext.guard
 
 
-def _unload_for_job() -> None:
+def _handoff_wanted() -> bool:
     import torch
 
-    if getattr(shared.opts, "bksdm_vram_handoff", True) and torch.cuda.is_available():
+    return bool(getattr(shared.opts, "bksdm_vram_handoff", True)) and torch.cuda.is_available()
+
+
+def _unload_for_job() -> bool:
+    """Free the GPU for a training job; False when there was nothing to do (the runner then skips the reload)."""
+    if not _handoff_wanted() or sd_models.model_data.sd_model is None:
+        return False
+    from modules import call_queue
+
+    with call_queue.queue_lock:  # the runner's thread: never in the middle of a generation
         sd_models.unload_model_weights()
+    return True
 
 
 def _reload_after_jobs() -> None:
-    import torch
+    from modules import call_queue
 
-    if getattr(shared.opts, "bksdm_vram_handoff", True) and torch.cuda.is_available():
+    with call_queue.queue_lock:
         sd_models.reload_model_weights()
 
 
@@ -99,7 +109,7 @@ def on_ui_tabs():
     outputs = {"output_dir": str(models_dir())}
     context = TabContext(runner(), _guard(), timings_store=timings.store_path, benchmark=timings.run_benchmark,
                          checkpoint_choices=timings.checkpoint_titles,
-                         form_defaults={"distill": outputs, "dreambooth": outputs})
+                         form_defaults={"distill": outputs, "dreambooth": outputs, "convert": outputs})
     return [(build_tab(context), "BK-SDM", "bksdm")]
 
 
