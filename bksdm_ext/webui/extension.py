@@ -61,8 +61,11 @@ def _unload_for_job() -> bool:
 def _reload_after_jobs() -> None:
     from modules import call_queue
 
-    with call_queue.queue_lock:
-        sd_models.reload_model_weights()
+    with call_queue.queue_lock:  # as the WebUI's own /sdapi/v1/reload-checkpoint does it
+        if hasattr(sd_models, "send_model_to_device"):  # 1.7+: unload moved the model to the CPU
+            sd_models.send_model_to_device(shared.sd_model)
+        else:  # 1.6: unload dropped the model
+            sd_models.reload_model_weights()
 
 
 def runner():
