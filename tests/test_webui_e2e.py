@@ -108,6 +108,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _decode(response):
+    body = response.read()
+    is_json = "json" in (response.headers.get("content-type") or "")
+    return json.loads(body or b"null") if is_json else body.decode(errors="replace")
+
+
 class WebUI:
     def __init__(self, port: int, process: subprocess.Popen, log: Path):
         self.base = f"http://127.0.0.1:{port}"
@@ -120,9 +126,9 @@ class WebUI:
                                          headers={"content-type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read() or b"null")
+                return response.status, _decode(response)
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"null")
+            return error.code, _decode(error)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -319,6 +325,32 @@ def test_positional_extensions_are_reported_on_bk_layouts(webui):
         assert "BK-SDM warning: Hypertile" in infotext
     finally:
         webui.post("/sdapi/v1/options", {"hypertile_enable_unet": False})
+
+
+def test_a_distill_job_runs_through_the_api_while_the_webui_keeps_answering(webui, tmp_path):
+    from jobs_helpers import tiny_distill_values, write_tiny_dataset
+    from tiny import write_tiny_pipeline
+
+    models = WORK / "data-main" / "models" / "Stable-diffusion" / "BK-SDM"
+    values = tiny_distill_values(write_tiny_pipeline(tmp_path / "teacher"), write_tiny_dataset(tmp_path / "data"),
+                                 steps=6)
+    values.update(output_dir=str(models), output_name="e2e-tiny-student")
+    job = webui.post("/bksdm/v1/jobs", {"kind": "distill", "config": values, "request_id": "e2e-1"})
+    again = webui.post("/bksdm/v1/jobs", {"kind": "distill", "config": values, "request_id": "e2e-1"})
+    assert again["id"] == job["id"]
+    slowest, deadline = 0.0, time.time() + 900
+    while (state := webui.get(f"/bksdm/v1/jobs/{job['id']}"))["state"] not in ("done", "failed", "cancelled"):
+        assert time.time() < deadline, state
+        start = time.perf_counter()
+        webui.get("/sdapi/v1/sd-models")
+        status, _ = webui.call("GET", "/")  # the UI page
+        slowest = max(slowest, time.perf_counter() - start)
+        assert status == 200
+        time.sleep(2)
+    assert state["state"] == "done", state
+    assert slowest < 10, f"the WebUI took {slowest:.1f} s to answer while the job ran"
+    webui.post("/sdapi/v1/refresh-checkpoints")
+    assert "e2e-tiny-student" in webui.titles()
 
 
 def test_lowvram_and_sdp_attention_on_a_bk_layout(checkpoints, webui):
