@@ -168,7 +168,6 @@ def ldm_unet_params(layout: Layout | str, version: Version | str) -> dict:
 def ldm_unet_params_from_config(config: dict) -> dict:
     """The `ldm` UNetModel arguments that build the same network as a diffusers U-Net config."""
     channels = list(config["block_out_channels"])
-    stages = len(channels)
     params = {
         "use_checkpoint": True,
         "image_size": 32,  # unused by UNetModel

@@ -17,7 +17,7 @@ import os
 import threading
 from dataclasses import asdict, dataclass, field
 
-from modules import errors, sd_models, sd_models_config
+from modules import sd_models, sd_models_config
 
 from ..errors import BKSDMError
 from .decide import Decision, check, decide, header_tensors, key_check
@@ -177,14 +177,3 @@ def loaded_info() -> dict | None:
     model = sd_models.model_data.sd_model
     info = getattr(model, "bksdm_info", None) if model is not None else None
     return info.as_dict() if info is not None else None
-
-
-def report_errors(fn):
-    """Run a WebUI callback, showing anything unexpected the WebUI's way instead of raising."""
-    def run(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - a callback must never take the WebUI down
-            errors.display(error, f"BK-SDM {fn.__name__}")
-
-    return run
