@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +24,33 @@ from bksdm_ext.timings.store import TimingStore
 pytestmark = [pytest.mark.webui, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 NEEDED = ("WEBUI_DIR", "WEBUI_PYTHON", "WEBUI_CKPT")
+
+# A real WebUI script (test-only extension) doing what others do to generations: one that dies before
+# postprocess, and a nested img2img run from postprocess_image the way ADetailer runs its inpainting.
+HELPER = """
+from modules import processing, scripts
+
+
+class TimingsE2EHelper(scripts.Script):
+    def title(self):
+        return "timings e2e helper"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def process_batch(self, p, *args, **kwargs):
+        if "FAIL-NOW" in p.prompt:  # script errors are caught by the WebUI; a bad sampler kills p.sample
+            p.sampler_name = "no such sampler (timings e2e helper)"
+
+    def postprocess_image(self, p, pp, *args):
+        if "NESTED" in p.prompt:
+            inner = processing.StableDiffusionProcessingImg2Img(
+                sd_model=p.sd_model, init_images=[pp.image], prompt="inner", steps=4, denoising_strength=0.5,
+                width=p.width, height=p.height, sampler_name="Euler", do_not_save_samples=True,
+                do_not_save_grid=True)
+            inner.scripts, inner.script_args = p.scripts, p.script_args
+            processing.process_images(inner)
+"""
 
 
 def _free_port() -> int:
@@ -46,6 +74,8 @@ def webui(tmp_path_factory):
     data = tmp_path_factory.mktemp("webui-data")
     (data / "extensions").mkdir()
     (data / "extensions" / "sd-webui-bk-sdm").symlink_to(REPO)
+    (data / "extensions" / "timings-e2e-helper" / "scripts").mkdir(parents=True)
+    (data / "extensions" / "timings-e2e-helper" / "scripts" / "helper.py").write_text(HELPER)
     if os.environ.get("WEBUI_BK_CKPT"):
         models = data / "models" / "Stable-diffusion"
         models.mkdir(parents=True)
@@ -126,6 +156,24 @@ def test_hires_fix_counts_both_passes_and_upscaling_is_not_sampling(webui):
     # first pass 2 steps; the second pass runs its 2 steps of a schedule stretched to 2 / 0.5 (the WebUI's rule)
     assert (row.hires, row.denoising_strength, row.steps, row.unet_calls) == (True, 0.5, 2, 4)
     assert row.sampling_s + row.vae_decode_s <= row.total_s
+
+
+def test_a_nested_generation_is_recorded_on_its_own_and_a_dead_one_not_at_all(webui):
+    base, db = webui
+    before = len(_rows(db))
+    with pytest.raises(urllib.error.HTTPError):
+        _call(f"{base}/sdapi/v1/txt2img", {"prompt": "FAIL-NOW", "steps": 2, "width": 64, "height": 64,
+                                           "sampler_name": "Euler"})
+    assert len(_rows(db)) == before
+    _call(f"{base}/sdapi/v1/txt2img", {"prompt": "NESTED", "steps": 2, "width": 64, "height": 64,
+                                       "sampler_name": "Euler"})
+    inner, outer = _rows(db)[before:]
+    # the outer run's script arguments can change the inner steps: compare with the steps it ran
+    assert (inner.mode, inner.denoising_strength, inner.unet_calls) == ("img2img", 0.5, int(0.5 * inner.steps) + 1)
+    assert (outer.mode, outer.steps, outer.unet_calls) == ("txt2img", 2, 2)
+    assert inner.total_s < outer.total_s  # the inner run happened inside the outer one
+    for row in (inner, outer):
+        assert row.sampling_s + row.vae_decode_s <= row.total_s
 
 
 def _titles(base):

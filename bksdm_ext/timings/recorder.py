@@ -96,6 +96,7 @@ class GenerationRecorder:
         self._unet: list = []  # [start, end] marks, one pair per evaluation
         self._in_evaluation = False
         self._evaluation_open = False
+        self.broken = False  # set when recording failed: its timings are not to be trusted
 
     def start(self) -> None:
         if self._cuda:
@@ -200,6 +201,8 @@ class RecorderSlot:
         self._reported = False
 
     def failed(self, error: BaseException) -> None:
+        if self.active is not None:
+            self.active.broken = True
         self.active = None
         if not self._reported:
             self._reported = True

@@ -4,15 +4,18 @@ The AlwaysVisible script in `scripts/bksdm_timings.py` calls `begin` (process), 
 (postprocess_batch), `before_hr` and `end` (postprocess). U-Net evaluations and VAE decodes are timed
 by forward hooks installed once per loaded model; the CFG denoiser callbacks mark where one sampler
 evaluation starts and ends, so cond/uncond run as two forwards still count as one evaluation.
-Only one generation runs at a time (the WebUI's queue lock). A generation started inside another (a
-script calling process_images from process) is recorded and the outer one is not; a generation that
-died without postprocess is dropped when the next one begins.
+Only one generation runs at a time (the WebUI's queue lock), but one may run inside another (e.g.
+ADetailer's inpainting from postprocess_image): the inner one is recorded on its own and the outer one
+resumes when it ends (one run without our script, as ADetailer's usually are, counts its U-Net
+evaluations into the outer generation: they are real work of that generation). A generation that
+died without reaching postprocess is dropped once its processing object is gone.
 Nothing here may break a generation: every error is logged once and recording stops.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +39,12 @@ ATTRIBUTE = "_bksdm_timing"  # the per-generation state, kept on the processing 
 @dataclass
 class _Generation:
     recorder: GenerationRecorder
+    processing: weakref.ref  # the processing object: gone means the generation died without postprocess
     source: str
     run_id: str
     record: bool = True  # False for benchmark warm-up images
     batches: int = 0
+    hires_pending: bool = False  # between before_hr and the hires pass's first evaluation
     record_id: str = field(default_factory=new_record_id)
 
 
@@ -49,6 +54,7 @@ class _Settings:
 
 
 settings = _Settings()
+_running: list[_Generation] = []  # outermost first; the last one is being recorded
 
 
 def store_path() -> Path:
@@ -95,8 +101,10 @@ def _on_cfg_denoiser(params) -> None:
     if recorder is None:
         return
     hook_model(shared.sd_model)  # a hires checkpoint or refiner may have been swapped in
-    if not recorder.sampling_open:
-        recorder.begin_sampling()  # the hires second pass (sampling ended at before_hr)
+    generation = _running[-1] if _running else None
+    if generation is not None and generation.recorder is recorder and generation.hires_pending:
+        generation.hires_pending = False
+        recorder.begin_sampling()  # the hires pass: sampling ended at before_hr, for the upscale
     recorder.begin_evaluation()
 
 
@@ -125,23 +133,33 @@ def begin(p, source: str = "webui", run_id: str = "", record: bool = True) -> No
     """Start timing a generation (the script's `process`)."""
     hook_model(shared.sd_model)
     recorder = GenerationRecorder(devices.device)
-    generation = _Generation(recorder, source, run_id, record)
+    generation = _Generation(recorder, weakref.ref(p), source, run_id, record)
     setattr(p, ATTRIBUTE, generation)
-    original = p.sample
+    _running[:] = [g for g in _running if g.processing() is not None] + [generation]
+    p.sample = _timed_sample(p, recorder)
+    SLOT.active = recorder
+    recorder.start()
 
-    def timed_sample(*args, **kwargs):  # this object's sample only: the sampling span of each batch
-        active = SLOT.active
-        if active is not recorder:
-            return original(*args, **kwargs)
+
+def _timed_sample(p, recorder: GenerationRecorder):
+    """This object's `sample`, timed as sampling (each batch, both hires passes). It holds `p` weakly, so
+    a processing object whose generation died is freed and its recording dropped."""
+    sample = p.sample
+    is_method = getattr(sample, "__self__", None) is p
+    sample = sample.__func__ if is_method else sample  # another extension's wrapper is kept as it is
+    processing = weakref.ref(p)
+
+    def timed_sample(*args, **kwargs):
+        call = (lambda: sample(processing(), *args, **kwargs)) if is_method else (lambda: sample(*args, **kwargs))
+        if SLOT.active is not recorder:
+            return call()
         _safely(recorder.begin_sampling)()
         try:
-            return original(*args, **kwargs)
+            return call()
         finally:
             _safely(recorder.end_sampling)()
 
-    p.sample = timed_sample
-    SLOT.active = recorder
-    recorder.start()
+    return timed_sample
 
 
 @_safely
@@ -150,6 +168,7 @@ def before_hr(p) -> None:
     generation = getattr(p, ATTRIBUTE, None)
     if generation is not None and SLOT.active is generation.recorder:
         generation.recorder.end_sampling()
+        generation.hires_pending = True
 
 
 @_safely
@@ -166,9 +185,10 @@ def end(p) -> GenerationRecord | None:
     if generation is None:
         return None
     delattr(p, ATTRIBUTE)
-    if SLOT.active is not generation.recorder:  # recording failed, or a nested generation replaced it
+    _running[:] = [g for g in _running if g is not generation]
+    SLOT.active = next((g.recorder for g in reversed(_running) if not g.recorder.broken), None)
+    if generation.recorder.broken:
         return None
-    SLOT.active = None
     timings = generation.recorder.finish()
     if not generation.record or generation.batches == 0:  # warm-up, or interrupted before any image
         return None
