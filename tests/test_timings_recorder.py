@@ -128,6 +128,11 @@ def test_a_recording_error_is_logged_once_and_the_generation_goes_on(caplog):
         model(torch.ones(1, 8))
     assert out.shape == (1, 8)
     assert slot.active is None
+    recorder = slot.active = GenerationRecorder("cpu")
+    recorder._unet = None  # its evaluation list broken: the next hook call fails inside the recorder
+    with caplog.at_level(logging.ERROR):
+        model(torch.ones(1, 8))
+    assert slot.active is None and recorder.broken
     assert caplog.text.count("recording failed") == 1
 
 

@@ -201,9 +201,9 @@ class RecorderSlot:
         self._reported = False
 
     def failed(self, error: BaseException) -> None:
-        if self.active is not None:
-            self.active.broken = True
-        self.active = None
+        recorder, self.active = self.active, None
+        if isinstance(recorder, GenerationRecorder):
+            recorder.broken = True
         if not self._reported:
             self._reported = True
             log.error("BK-SDM %s: recording failed and is off for this generation: %r", self.name, error)
