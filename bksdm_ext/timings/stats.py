@@ -16,7 +16,6 @@ from ..errors import BKSDMError
 from .recorder import percentile
 from .store import GenerationRecord
 
-GROUP_FIELDS = ("device", "checkpoint", "layout", "sampler", "schedule", "steps", "size")
 CONDITIONS = ("device", "sampler", "schedule", "steps", "size")  # what must match for a speed-up
 
 
