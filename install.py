@@ -15,6 +15,9 @@ import sys
 NEEDS = (
     ("diffusers", (0, 29, 0), (0, 31, 999), "diffusers==0.31.0"),
     ("peft", (0, 7, 0), (0, 13, 2), "peft==0.13.2"),
+    # diffusers' metadata requires these (it imports them only on old Pythons): keeps `pip check` clean
+    ("importlib_metadata", (4, 4, 0), (99, 0, 0), "importlib-metadata==8.5.0"),
+    ("zipp", (3, 20, 0), (99, 0, 0), "zipp==3.21.0"),
 ) + ((("tomli", (1, 1, 0), (99, 0, 0), "tomli==2.0.1"),) if sys.version_info < (3, 11) else ())  # job configs
 
 

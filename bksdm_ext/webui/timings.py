@@ -14,6 +14,7 @@ Nothing here may break a generation: every error is logged once and recording st
 
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -116,11 +117,13 @@ def _on_cfg_denoised(params) -> None:
 
 def install() -> None:
     """Register the callbacks and API routes; the WebUI drops them on reload and calls this again."""
-    script_callbacks.on_app_started(lambda demo, app: routes(app), name="bksdm_timings")
-    script_callbacks.on_model_loaded(_on_model_loaded, name="bksdm_timings")
-    script_callbacks.on_cfg_denoiser(_on_cfg_denoiser, name="bksdm_timings")
-    script_callbacks.on_cfg_denoised(_on_cfg_denoised, name="bksdm_timings")
-    script_callbacks.on_script_unloaded(SLOT.remove_hooks, name="bksdm_timings")
+    # callbacks take a name from WebUI 1.9 on; 1.6-1.8 refuse the keyword
+    named = {"name": "bksdm_timings"} if "name" in inspect.signature(script_callbacks.on_app_started).parameters else {}
+    script_callbacks.on_app_started(lambda demo, app: routes(app), **named)
+    script_callbacks.on_model_loaded(_on_model_loaded, **named)
+    script_callbacks.on_cfg_denoiser(_on_cfg_denoiser, **named)
+    script_callbacks.on_cfg_denoised(_on_cfg_denoised, **named)
+    script_callbacks.on_script_unloaded(SLOT.remove_hooks, **named)
     from modules import sd_models
 
     loaded = sd_models.model_data.sd_model  # not shared.sd_model: reading that would load a model
