@@ -97,3 +97,13 @@ def test_timings_export_import_show(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["timings", "show", "--checkpoint", "nothing", "--db", str(target)]) == 0
     assert "No records" in capsys.readouterr().out
+
+
+def test_webui_sampler_names_of_every_version_group_together():
+    from bksdm_ext.timings.protocol import sampler_and_schedule
+
+    assert sampler_and_schedule("DPM++ 2M Karras") == ("DPM++ 2M", "Karras")  # WebUI 1.6-1.8
+    assert sampler_and_schedule("DPM++ 2M", "Karras") == ("DPM++ 2M", "Karras")  # 1.9+
+    assert sampler_and_schedule("DPM++ 2M SDE Exponential") == ("DPM++ 2M SDE", "Exponential")
+    assert sampler_and_schedule("Euler a") == ("Euler a", "")
+    assert sampler_and_schedule("Euler", "Automatic") == ("Euler", "Automatic")

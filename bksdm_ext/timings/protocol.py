@@ -46,3 +46,16 @@ class Protocol:
             raise BKSDMError("Steps, images and batch size must be at least 1, warm-up at least 0.")
         if self.strength is not None and not 0 < self.strength <= 1:
             raise BKSDMError(f"Denoising strength {self.strength} must be in (0, 1].")
+
+
+# WebUI < 1.9 folds the noise schedule into the sampler's name ("DPM++ 2M Karras"); 1.9+ keeps it apart.
+_SCHEDULE_SUFFIXES = ("Karras", "Exponential")
+
+
+def sampler_and_schedule(sampler: str, schedule: str = "") -> tuple[str, str]:
+    """(sampler, schedule) in the 1.9+ form, so records of every WebUI version group together."""
+    if not schedule:
+        for suffix in _SCHEDULE_SUFFIXES:
+            if sampler.endswith(" " + suffix):
+                return sampler[: -len(suffix) - 1], suffix
+    return sampler, schedule

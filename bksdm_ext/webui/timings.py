@@ -27,7 +27,7 @@ from modules import devices, script_callbacks, shared
 from ..errors import BKSDMError
 from ..timings import stats
 from ..timings.device import describe_cached
-from ..timings.protocol import Protocol
+from ..timings.protocol import Protocol, sampler_and_schedule
 from ..timings.recorder import GenerationRecorder, RecorderSlot
 from ..timings.store import GenerationRecord, TimingStore, new_record_id
 
@@ -209,13 +209,14 @@ def generation_fields(p, generation: _Generation) -> dict:
     img2img = hasattr(p, "init_images")
     hires = bool(getattr(p, "enable_hr", False))
     checkpoint_info = getattr(sd_model, "sd_checkpoint_info", None)
+    sampler, schedule = sampler_and_schedule(p.sampler_name or "", str(getattr(p, "scheduler", "") or ""))
     return dict(
         record_id=generation.record_id, source=generation.source, run_id=generation.run_id,
         checkpoint=p.sd_model_name or getattr(checkpoint_info, "name_for_extra", "") or "",
         checkpoint_hash=p.sd_model_hash or "",
         layout="sd" if layout in (None, "teacher") else str(layout),  # "sd": a standard model
         version=str(getattr(info, "version", "") or ""),
-        sampler=p.sampler_name or "", schedule=str(getattr(p, "scheduler", "") or ""),
+        sampler=sampler, schedule=schedule,
         mode="img2img" if img2img else "txt2img", steps=int(p.steps), width=int(p.width), height=int(p.height),
         batch_size=int(p.batch_size), n_iter=generation.batches, cfg_scale=float(p.cfg_scale),
         seed=int(p.all_seeds[0]) if getattr(p, "all_seeds", None) else int(p.seed), hires=hires,
