@@ -400,13 +400,15 @@ def test_metadata_csv_is_read_like_jsonl(tmp_path):
     assert meta.skipped == {"missing caption": 1}
 
 
-def test_paper_precision_settings_run_on_cpu_as_bf16(tmp_path, tiny_pipeline_v1, one_thread, capsys):
-    from bksdm_ext.train import distill
-
+def test_paper_precision_settings_run_on_cpu_as_bf16(tmp_path, tiny_pipeline_v1):
+    # its own process: accelerate keeps one precision per process (as each job has)
     data = write_images(tmp_path / "data", 2)
-    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
-                           **small_settings(max_steps=2, mixed_precision="fp16", teacher_half=True))
-    assert distill.train(config, tmp_path / "job") == "done"
-    assert "training in bf16 on the CPU" in capsys.readouterr().out
-    rows = core.read_losses(tmp_path / "job")
+    job = tmp_path / "job"
+    job.mkdir()
+    DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
+                  **small_settings(max_steps=2, mixed_precision="fp16", teacher_half=True)).save(job / "config.toml")
+    result = run_module(["bksdm_ext.train", "distill", "--job-dir", str(job)])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "training in bf16 on the CPU" in result.stdout and "mixed precision bf16" in result.stdout
+    rows = core.read_losses(job)
     assert len(rows) == 2 and all(0 < row["total"] < 100 for row in rows)
