@@ -376,20 +376,6 @@ def test_latent_cache_is_built_once_reused_and_invalidated(tmp_path, tiny_pipeli
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
-def test_convert_job_runs_the_converter_with_the_same_progress_file(tmp_path, tiny_pipeline_v1):
-    from bksdm_ext.train.config import ConvertConfig
-
-    job = tmp_path / "job"
-    job.mkdir()
-    ConvertConfig(src=str(tiny_pipeline_v1)).save(job / "config.toml")
-    assert core.run_job("convert", job) == 0
-    assert progress(job)["state"] == "done"
-    assert (job / "output" / f"{tiny_pipeline_v1.name}.safetensors").is_file()
-    ConvertConfig(src=str(tmp_path / "missing")).save(job / "config.toml")
-    assert core.run_job("convert", job) == 1
-    assert progress(job)["state"] == "failed" and "does not exist" in progress(job)["message"]
-
-
 def test_metadata_csv_is_read_like_jsonl(tmp_path):
     from bksdm_ext.train.data import read_metadata
 

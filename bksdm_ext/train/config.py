@@ -271,27 +271,7 @@ class DreamBoothConfig(TrainConfig):
                 raise BKSDMError(f"{name} must be at least 1.")
 
 
-@dataclass
-class ConvertConfig(JobConfig):
-    """A conversion run as a job (diffusers folder <-> single-file WebUI checkpoint), see `bksdm_ext.convert`."""
-
-    kind: ClassVar[str] = "convert"
-
-    src: str = _f("", "A diffusers folder or a .safetensors/.ckpt checkpoint to convert.")
-    dst: str = _f("", "A .safetensors file (WebUI form, yaml beside it) or a folder (diffusers form); "
-                      "empty = the job folder's output/ as a single file.")
-    half: bool = _f(False, "Write fp16 weights (half the size).")
-    version: str = _f("", "SD version when the weights cannot tell (v1, v2-base, v2-768); empty = detect.")
-    tokenizer: str = _f("", "CLIP tokenizer folder for a diffusers output made from a single file.")
-
-    def validate(self) -> None:
-        if not self.src or not Path(self.src).exists():
-            raise BKSDMError(f"src {self.src!r} does not exist: give a diffusers folder or a checkpoint file.")
-        if self.dst and Path(self.dst).suffix not in ("", ".safetensors"):
-            raise BKSDMError("dst must be a .safetensors file or a folder.")
-
-
-CONFIGS: dict[str, type] = {c.kind: c for c in (DistillConfig, DreamBoothConfig, ConvertConfig)}
+CONFIGS: dict[str, type] = {c.kind: c for c in (DistillConfig, DreamBoothConfig)}
 
 
 def config_class(kind: str) -> type:

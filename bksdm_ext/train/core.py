@@ -418,25 +418,9 @@ def run_job(kind: str, job_dir: str | os.PathLike, resume: str | None = None) ->
 def _trainer(kind: str):
     if kind == "distill":
         from .distill import train
-    elif kind == "dreambooth":
-        from .dreambooth import train
     else:
-        train = _convert
+        from .dreambooth import train
     return train
-
-
-def _convert(config, job_dir: Path, resume=None) -> str:
-    """The convert job: one call of the converter, with the same progress file as training jobs."""
-    from ..convert import convert
-
-    progress = Progress(job_dir, total_steps=1)
-    progress.update(message=f"converting {config.src}")
-    dst = Path(config.dst) if config.dst else job_dir / "output" / f"{Path(config.src).stem}.safetensors"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    for line in convert(config.src, dst, config.half, config.version or None, config.tokenizer or None):
-        print(line, flush=True)
-    progress.update(state="done", step=1, message=f"Finished: {dst}")
-    return "done"
 
 
 def _fail(progress_path: Path, message: str) -> int:
