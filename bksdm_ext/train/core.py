@@ -329,7 +329,12 @@ def half_dtype(device: torch.device) -> torch.dtype:
 
 def make_accelerator(config):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
 
+    if PartialState().num_processes == 1:
+        # accelerate keeps one precision per process; a second run in the same process (the library
+        # entry point called again, a notebook) may ask for another. Nothing else shares this state.
+        AcceleratorState._reset_state()
     on_gpu = torch.cuda.is_available()
     precision = config.mixed_precision if on_gpu else ("no" if config.mixed_precision == "no" else "bf16")
     accelerator = Accelerator(mixed_precision=precision, cpu=not on_gpu)
