@@ -1,4 +1,4 @@
-"""WebUI entry of sd-webui-bk-sdm: registers the loader patch, the BK-SDM tab and API, the infotext.
+"""WebUI entry of sd-webui-bk-sdm: registers the loader patch, the BK-SDM tab and API, the timings.
 
 The WebUI puts the extension folder on sys.path only while scripts load; importing our package
 here keeps it importable afterwards (the BK yamls name `bksdm_ext.ldm_unet.BKUNetModel`).
@@ -6,12 +6,14 @@ here keeps it importable afterwards (the BK yamls name `bksdm_ext.ldm_unet.BKUNe
 
 from modules import scripts
 
-from bksdm_ext.webui import extension
+from bksdm_ext.webui import extension, timings
 
 extension.setup()
 
 
-class BKSDMInfotext(scripts.Script):
+class BKSDM(scripts.Script):
+    """Always on, no UI: the BK layout in the infotext, and the timing of every generation."""
+
     def title(self):
         return "BK-SDM"
 
@@ -20,3 +22,13 @@ class BKSDMInfotext(scripts.Script):
 
     def process(self, p, *args):
         extension.infotext(p)
+        timings.begin(p)
+
+    def before_hr(self, p, *args):
+        timings.before_hr(p)
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        timings.batch_done(p)
+
+    def postprocess(self, p, processed, *args):
+        timings.end(p)

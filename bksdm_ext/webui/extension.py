@@ -153,7 +153,10 @@ def patch_lora_names(*_) -> None:
 
 
 def setup() -> None:
+    from . import timings
+
     loader.install()
+    timings.install()
     patch_lora_names()
     script_callbacks.on_model_loaded(patch_lora_names)
     script_callbacks.on_ui_settings(on_ui_settings)

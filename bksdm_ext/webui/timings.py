@@ -1,6 +1,6 @@
 """Recording every WebUI generation into the timing store, and the paper's benchmark through the WebUI.
 
-The AlwaysVisible script in `scripts/bksdm_timings.py` calls `begin` (process), `batch_done`
+The AlwaysVisible script in `scripts/bksdm.py` calls `begin` (process), `batch_done`
 (postprocess_batch), `before_hr` and `end` (postprocess). U-Net evaluations and VAE decodes are timed
 by forward hooks installed once per loaded model; the CFG denoiser callbacks mark where one sampler
 evaluation starts and ends, so cond/uncond run as two forwards still count as one evaluation.
