@@ -43,7 +43,7 @@ def job_view(runner: Runner, job: Job) -> dict[str, Any]:
     }
 
 
-def _answer(action: Callable[[], Any]) -> Any:
+def http_answer(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except AccessDenied as error:
@@ -66,36 +66,36 @@ def jobs_router(runner: Runner, guard: AccessGuard) -> APIRouter:
         def create():
             guard.check("Creating a job")
             return job_view(runner, runner.submit(request.kind, request.config, request.request_id))
-        return _answer(create)
+        return http_answer(create)
 
     @router.get("/jobs/{job_id}")
     def get_job(job_id: str) -> dict[str, Any]:
-        return _answer(lambda: job_view(runner, runner.get(job_id)))
+        return http_answer(lambda: job_view(runner, runner.get(job_id)))
 
     @router.get("/jobs/{job_id}/log", response_class=PlainTextResponse)
     def job_log(job_id: str, max_bytes: int = 32768) -> str:
-        return _answer(lambda: runner.log_tail(runner.get(job_id).id, max(0, min(max_bytes, 1 << 24))))
+        return http_answer(lambda: runner.log_tail(runner.get(job_id).id, max(0, min(max_bytes, 1 << 24))))
 
     @router.post("/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict[str, Any]:
         def cancel():
             guard.check("Cancelling a job")
             return job_view(runner, runner.cancel(job_id))
-        return _answer(cancel)
+        return http_answer(cancel)
 
     @router.post("/jobs/{job_id}/resume")
     def resume_job(job_id: str) -> dict[str, Any]:
         def resume():
             guard.check("Resuming a job")
             return job_view(runner, runner.resume(job_id))
-        return _answer(resume)
+        return http_answer(resume)
 
     @router.post("/jobs/{job_id}/relaunch")
     def relaunch_job(job_id: str, request_id: str | None = None) -> dict[str, Any]:
         def relaunch():
             guard.check("Launching a job")
             return job_view(runner, runner.relaunch(job_id, request_id))
-        return _answer(relaunch)
+        return http_answer(relaunch)
 
     @router.delete("/jobs/{job_id}")
     def delete_job(job_id: str) -> dict[str, Any]:
@@ -103,6 +103,6 @@ def jobs_router(runner: Runner, guard: AccessGuard) -> APIRouter:
             guard.check("Deleting a job")
             runner.delete(job_id)
             return {"deleted": job_id}
-        return _answer(delete)
+        return http_answer(delete)
 
     return router

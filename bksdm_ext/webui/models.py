@@ -6,12 +6,12 @@ import re
 from pathlib import Path
 
 import torch
-from fastapi import HTTPException
 from modules import sd_models, shared
 from pydantic import BaseModel
 
 from .. import layouts
 from ..errors import BKSDMError
+from ..jobs.api import http_answer
 from .loader import loaded_info, state
 
 SUBFOLDER = "BK-SDM"  # under models/Stable-diffusion: the dropdown shows "BK-SDM/<name>"
@@ -90,15 +90,8 @@ class ImportRequest(BaseModel):
 
 def routes(app, guard) -> None:
     """/bksdm/v1/model… on the WebUI's FastAPI app."""
-    def answer(action):
-        try:
-            return action()
-        except BKSDMError as error:
-            raise HTTPException(status_code=403 if error.__class__.__name__ == "AccessDenied" else 400,
-                                detail=str(error)) from None
-
     app.add_api_route("/bksdm/v1/model", lambda: model_report(), methods=["GET"], tags=["BK-SDM"])
-    app.add_api_route("/bksdm/v1/model/verify", lambda: answer(verify_loaded_unet), methods=["POST"],
+    app.add_api_route("/bksdm/v1/model/verify", lambda: http_answer(verify_loaded_unet), methods=["POST"],
                       tags=["BK-SDM"])
 
     def import_route(request: ImportRequest):
@@ -106,6 +99,6 @@ def routes(app, guard) -> None:
             guard.check("Importing a checkpoint from a server path")
             return import_checkpoint(request.source, request.name, request.half)
 
-        return answer(run)
+        return http_answer(run)
 
     app.add_api_route("/bksdm/v1/import", import_route, methods=["POST"], tags=["BK-SDM"])
