@@ -9,8 +9,10 @@ shared machine, `--rounds` runs the paths in turn several times and keeps each p
 - plain: what the official `kd_train_text_to_image.py` does each step: VAE encode and text encode,
   fp32 teacher under no_grad, student forward with hooks, backward, torch's default AdamW (a
   per-parameter loop on CPU), clipping, diffusers' EMAModel (per-parameter loop).
-- fast-*: our `Distillation` + `fit`: cached latents/text (built once, reported apart), teacher under
-  inference_mode, fused AdamW, foreach EMA; variants in precision.
+- plain-fp32-kept-memory: the same with glibc told to keep freed memory (`core.keep_freed_memory`,
+  which our training processes apply on the CPU), to show how much of the gain is that setting.
+- fast-*: our `Distillation` + `fit`: freed memory kept (CPU), cached latents/text (built once,
+  reported apart), teacher under inference_mode, fused AdamW, foreach EMA; variants in precision.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 PATHS = {
     "plain-fp32": "official recipe, fp32",
+    "plain-fp32-kept-memory": "official recipe, fp32, with our allocator setting (its share of the gain)",
     "fast-fp32": "ours, fp32 (same precision)",
     "fast-fp32-bf16teacher": "ours, fp32 student, bf16 teacher",
     "fast-bf16": "ours, bf16 autocast + bf16 teacher",
@@ -86,7 +89,14 @@ def run_path(name: str, args) -> dict:
                            mixed_precision="bf16" if name == "fast-bf16" else "no",
                            teacher_half=name in ("fast-bf16", "fast-fp32-bf16teacher"), cache=True,
                            cache_dir=str(tmp / "cache"), channels_last=False)
-    result = plain(config, parts, args.steps) if name == "plain-fp32" else fast(config, parts, tmp, args.steps)
+    if name.startswith("plain"):
+        if name == "plain-fp32-kept-memory":
+            from bksdm_ext.train.core import keep_freed_memory
+
+            keep_freed_memory()
+        result = plain(config, parts, args.steps)
+    else:
+        result = fast(config, parts, tmp, args.steps)
     result["peak_rss_gb"] = peak_rss_bytes() / 1e9
     return result
 

@@ -398,3 +398,28 @@ def test_paper_precision_settings_run_on_cpu_as_bf16(tmp_path, tiny_pipeline_v1)
     assert "training in bf16 on the CPU" in result.stdout and "mixed precision bf16" in result.stdout
     rows = core.read_losses(job)
     assert len(rows) == 2 and all(0 < row["total"] < 100 for row in rows)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_kept_freed_memory_is_reused_without_page_faults():
+    """A large block freed and allocated again faults every page by default; after keep_freed_memory none."""
+    script = """
+import resource, sys, torch
+from bksdm_ext.train.core import keep_freed_memory
+if sys.argv[1] == "kept":
+    assert keep_freed_memory()
+def faults_of_one_cycle():
+    block = torch.ones(64 << 20)  # 256 MB, above glibc's mmap threshold
+    del block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(64 << 20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_cycle()
+print(faults_of_one_cycle())
+"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], check=True, capture_output=True,
+                                       text=True, cwd=Path(__file__).parents[1]).stdout)
+              for mode in ("default", "kept")}
+    pages = (256 << 20) // 4096
+    assert faults["default"] > pages // 2  # the test would notice if the default stopped faulting
+    assert faults["kept"] < pages // 100, faults
