@@ -1,8 +1,8 @@
 """Run by the WebUI (at start and after "Install from URL"): installs only what sd-webui-bk-sdm needs and
 the WebUI lacks, in versions that coexist with the WebUI's pins.
 
-Both packages go in with --no-deps: everything they need (transformers, accelerate, safetensors,
-huggingface_hub, numpy, …) is already pinned by the WebUI, and letting pip resolve them would upgrade
+Everything goes in with --no-deps: what it needs (transformers, accelerate, safetensors, huggingface_hub,
+numpy, protobuf, …) is already pinned by the WebUI, and letting pip resolve them would upgrade
 those pins. diffusers 0.32+ fails to import with transformers 4.30 and 0.36+ needs huggingface_hub 1.x;
 peft after 0.13.2 needs a newer accelerate. Nothing x86-only (xformers, bitsandbytes) is installed: the
 WebUI manages xformers itself, and Jetson (aarch64) machines must not get them.
@@ -15,6 +15,8 @@ import sys
 NEEDS = (
     ("diffusers", (0, 29, 0), (0, 31, 999), "diffusers==0.31.0"),
     ("peft", (0, 7, 0), (0, 13, 2), "peft==0.13.2"),
+    # TensorBoard events of training jobs without tensorboard itself (needs protobuf >= 3.20, numpy, packaging)
+    ("tensorboardX", (2, 6, 0), (99, 0, 0), "tensorboardX==2.6.5"),
     # diffusers' metadata requires these (it imports them only on old Pythons): keeps `pip check` clean
     ("importlib_metadata", (4, 4, 0), (99, 0, 0), "importlib-metadata==8.5.0"),
     ("zipp", (3, 20, 0), (99, 0, 0), "zipp==3.21.0"),

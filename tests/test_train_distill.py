@@ -17,7 +17,8 @@ from bksdm_ext.student import build_student
 from bksdm_ext.train import core, losses
 from bksdm_ext.train.config import DistillConfig
 from tiny import tiny_unet, tiny_unet_config
-from train_helpers import one_thread, one_thread_env, progress, run_module, small_settings, write_images  # noqa: F401
+from train_helpers import (one_thread, one_thread_env, progress, run_module, small_settings,  # noqa: F401
+                           tensorboard_scalars, write_images)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,6 +190,11 @@ def test_overfitting_eight_images_halves_the_loss(tmp_path, tiny_pipeline_v1, on
     assert len(totals) == 50
     first, last = totals[0], sum(totals[-5:]) / 5  # step 1's loss is the untrained student's
     assert last < first / 2, (first, last)
+    # the same curves as TensorBoard events
+    events = tensorboard_scalars(tmp_path / "job" / "tb")
+    assert sorted(events["loss/total"]) == list(range(1, 51))
+    assert [events["loss/total"][step] for step in range(1, 51)] == pytest.approx(totals, rel=1e-6)
+    assert set(events) >= {"loss/task", "loss/out_kd", "loss/feat_kd", "samples_per_s"}
 
 
 def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_pipeline_v1, one_thread):

@@ -53,6 +53,24 @@ def run_module(args: list[str], timeout: float = 300, **kw) -> subprocess.Comple
                           text=True, timeout=timeout, **kw)
 
 
+def tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from every TensorBoard event file in `log_dir` (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])  # 8 length + 4 crc, data, 4 crc
+            i += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
 def progress(job_dir: Path) -> dict:
     return json.loads((job_dir / "progress.json").read_text())
 

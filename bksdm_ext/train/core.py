@@ -1,7 +1,7 @@
 """The training core shared by distillation and DreamBooth: job folder, progress, checkpoints, speed parts.
 
 A job folder holds `config.toml`, `progress.json` (atomic), `losses.csv`, `log.txt` (the runner
-captures stdout), `checkpoints/step-N/`, `samples/`, `tb/` (if tensorboard imports) and `output/`.
+captures stdout), `checkpoints/step-N/`, `samples/`, `tb/` (TensorBoard events: `tensorboard --logdir <job>/tb`) and `output/`.
 A checkpoint is written into a temporary folder and renamed into place, so a kill at any moment
 leaves the previous one whole. RNG states are saved and restored here rather than by accelerate
 (0.21's `load_state` silently skips them under recent torch).
@@ -85,10 +85,15 @@ class Progress:
 
 
 def _tensorboard(directory: Path):
+    """A TensorBoard event writer: tensorboardX (light; install.py adds it), else torch's (needs tensorboard)."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("No TensorBoard writer (pip install tensorboardX): losses go to losses.csv only.", flush=True)
+            return None
     return SummaryWriter(str(directory))
 
 
