@@ -75,6 +75,24 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def merge_tree(seen: list[psutil.Process], current: list[psutil.Process]) -> list[psutil.Process]:
+    """`current` plus those of `seen` still running (same pid and start time).
+
+    A tree captured while the job runs only grows this way: a launcher that is dying but not yet
+    reaped has already handed its children to init, so `descendants` of it is empty then, and that
+    must not make us forget the workers we saw before it died.
+    """
+    tree = dict.fromkeys(current)  # psutil.Process compares and hashes by pid and start time
+    for proc in seen:
+        if proc not in tree:
+            try:
+                if proc.is_running():
+                    tree[proc] = None
+            except psutil.Error:
+                pass
+    return list(tree)
+
+
 def kill_processes(processes: list[psutil.Process]) -> None:
     """Kill those still running; psutil checks each is the same process (pid and start time)."""
     for proc in processes:

@@ -139,7 +139,7 @@ class Runner:
         self.env = dict(env or {})
         self.handoff_active = False  # the WebUI's model is unloaded for our jobs
         self._procs: dict[str, Any] = {}  # jobs this runner started: id -> Popen
-        self._trees: dict[str, list] = {}  # descendants last seen per running job (psutil.Process)
+        self._trees: dict[str, list] = {}  # descendants seen per running job and still running (psutil.Process)
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -366,7 +366,10 @@ class Runner:
                 else:  # started by an earlier runner: recognise it by pid and start time
                     returncode, alive = None, process.is_running(job.pid, job.pid_started)
                 if alive:
-                    self._trees[job.id] = process.descendants(job.pid)
+                    # Merged, never replaced: the poll that catches a killed launcher between its death and
+                    # its reaping sees no descendants (its children already belong to init).
+                    self._trees[job.id] = process.merge_tree(self._trees.get(job.id, []),
+                                                             process.descendants(job.pid))
                     self._escalate_cancel(job, now)
                 else:
                     self._finish(job, returncode, ours=proc is not None)
