@@ -12,13 +12,17 @@ extension.setup()
 
 
 class BKSDM(scripts.Script):
-    """Always on, no UI: the BK layout in the infotext, and the timing of every generation."""
+    """Always on, no UI: the BK layout in the infotext, the timing of every generation, and the model
+    brought back to the GPU for a generation while a training job holds it."""
 
     def title(self):
         return "BK-SDM"
 
     def show(self, is_img2img):
         return scripts.AlwaysVisible
+
+    def before_process(self, p, *args):
+        extension.lend_model_for_generation()
 
     def process(self, p, *args):
         extension.infotext(p)

@@ -17,7 +17,7 @@ TESTS_DIR = str(Path(__file__).resolve().parent)
 def make_runner(data_dir, **settings) -> Runner:
     options = dict(poll_s=0.1, cancel_grace_s=2.0, kill_timeout_s=1.0)
     options.update(settings)
-    hooks = {k: options.pop(k) for k in ("before_gpu_job", "after_queue_empty") if k in options}
+    hooks = {k: options.pop(k) for k in ("before_gpu_job", "after_queue_empty", "during_handoff") if k in options}
     kinds = options.pop("kinds", {"count": KIND})
     # tiny models run fastest on one thread, and the jobs of a test must not crowd each other
     env = {"PYTHONPATH": TESTS_DIR, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -298,7 +298,10 @@ def test_vram_handoff_hooks_run_around_the_gpu_queue(tmp_path):
     def after():
         events.append(("after", sorted(j.state for j in runner.list()), None))
 
-    runner = make_runner(tmp_path / "data", vram_handoff=True, before_gpu_job=before, after_queue_empty=after)
+    ticks = []  # while unloaded, each tick may take back what a generation brought to the GPU
+
+    runner = make_runner(tmp_path / "data", vram_handoff=True, before_gpu_job=before, after_queue_empty=after,
+                         during_handoff=lambda: ticks.append(runner.handoff_active))
     try:
         a = runner.submit("count", {"steps": 3, "step_s": 0.1})
         assert runner.handoff_active
@@ -309,6 +312,10 @@ def test_vram_handoff_hooks_run_around_the_gpu_queue(tmp_path):
         # unloaded once before the first job's process started, reloaded once when both had finished
         assert events == [("before", ["queued"], False), ("after", ["done", "done"], None)]
         assert not runner.handoff_active
+        assert ticks and all(ticks)  # called on the ticks between, never after the reload
+        count = len(ticks)
+        runner.poll()
+        assert len(ticks) == count
     finally:
         runner.close()
 

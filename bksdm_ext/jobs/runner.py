@@ -122,6 +122,7 @@ class Runner:
                  kinds: dict[str, JobKind] | None = None,
                  before_gpu_job: Callable[[], bool | None] | None = None,
                  after_queue_empty: Callable[[], None] | None = None,
+                 during_handoff: Callable[[], None] | None = None,
                  env: dict[str, str] | None = None):
         self.data_dir = Path(data_dir)
         self.jobs_dir = self.data_dir / "jobs"
@@ -136,6 +137,7 @@ class Runner:
         self._register_unknown_folders()
         self.before_gpu_job = before_gpu_job
         self.after_queue_empty = after_queue_empty
+        self.during_handoff = during_handoff  # each tick while unloaded: re-free what a generation took back
         self.env = dict(env or {})
         self.handoff_active = False  # the WebUI's model is unloaded for our jobs
         self._procs: dict[str, Any] = {}  # jobs this runner started: id -> Popen
@@ -381,6 +383,11 @@ class Runner:
                         self.after_queue_empty()
                     except Exception:  # the WebUI's reload: report, never take the runner down
                         log.exception("BK-SDM job runner: after_queue_empty failed")
+            elif self.handoff_active and self.during_handoff is not None:
+                try:
+                    self.during_handoff()
+                except Exception:
+                    log.exception("BK-SDM job runner: during_handoff failed")
 
     def _escalate_cancel(self, job: Job, now: float) -> None:
         if job.state != "cancelling" or job.cancel_requested is None or not job.pid:

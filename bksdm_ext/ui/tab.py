@@ -35,7 +35,8 @@ class TabContext:
     runner: Runner
     guard: AccessGuard
     # The WebUI adapter's words about its model while our jobs hold the GPU (VRAM hand-off).
-    handoff_note: str = "The WebUI's model is unloaded while BK-SDM jobs use the GPU; it is reloaded when the queue is empty."
+    handoff_note: str = ("The WebUI's model is unloaded while BK-SDM jobs use the GPU; a generation brings it back for "
+                         "its own duration (sharing the GPU with the job), and it is reloaded when the queue is empty.")
     # The Timings view: its store (default: timings.sqlite3 in the runner's data folder, as the WebUI
     # keeps it) and, in the WebUI, the benchmark action and the checkpoints it can run.
     timings_store: Callable[[], Path] | None = None

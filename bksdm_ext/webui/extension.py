@@ -19,6 +19,7 @@ SECTION = ("bksdm", "BK-SDM")
 class _Extension:
     runner = None
     guard = None
+    lent = False  # the hand-off unloaded the model and a generation brought it back
 
 
 ext = _Extension()
@@ -62,10 +63,43 @@ def _reload_after_jobs() -> None:
     from modules import call_queue
 
     with call_queue.queue_lock:  # as the WebUI's own /sdapi/v1/reload-checkpoint does it
+        ext.lent = False
         if hasattr(sd_models, "send_model_to_device"):  # 1.7+: unload moved the model to the CPU
             sd_models.send_model_to_device(shared.sd_model)
         else:  # 1.6: unload dropped the model
             sd_models.reload_model_weights()
+
+
+def lend_model_for_generation() -> None:
+    """Before a generation: if our jobs unloaded the WebUI's model, bring it back for this generation.
+
+    WebUI 1.7+ unloads to RAM and would otherwise run the generation with its model on the CPU (a
+    device-mismatch error); 1.6 drops it and reloads it itself. Either way the runner's next tick
+    unloads it again once the generation is over, finished or failed (`_give_gpu_back`).
+    """
+    if ext.runner is None or not ext.runner.handoff_active:
+        return
+    ext.lent = True
+    model = sd_models.model_data.sd_model  # not shared.sd_model: on 1.6 reading that loads one
+    if model is not None and hasattr(sd_models, "send_model_to_device"):
+        print("[BK-SDM] A training job holds the GPU: the model is back on it for this generation only.")
+        sd_models.send_model_to_device(model)
+
+
+def _give_gpu_back() -> None:
+    """The runner's tick while our jobs hold the GPU: unload what a generation took back, once it is over."""
+    if not ext.lent:
+        return
+    from modules import call_queue
+
+    if not call_queue.queue_lock.acquire(blocking=False):  # a generation is running: next tick
+        return
+    try:
+        if sd_models.model_data.sd_model is not None:
+            sd_models.unload_model_weights()
+        ext.lent = False
+    finally:
+        call_queue.queue_lock.release()
 
 
 def runner():
@@ -76,7 +110,7 @@ def runner():
         settings = RunnerSettings(max_gpu_jobs=int(getattr(shared.opts, "bksdm_max_gpu_jobs", 1) or 1),
                                   vram_handoff=True)
         ext.runner = Runner(data_dir(), settings, before_gpu_job=_unload_for_job,
-                            after_queue_empty=_reload_after_jobs,
+                            after_queue_empty=_reload_after_jobs, during_handoff=_give_gpu_back,
                             env={"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                                os.environ.get("PYTHONPATH")]))})
         ext.runner.start()
