@@ -168,12 +168,18 @@ def checkpoints() -> dict[str, Path]:
     return files
 
 
-def launch(name: str, ckpt: Path, *flags: str) -> WebUI:
-    """A WebUI with this extension in a fresh data dir, once its model is loaded."""
+def launch(name: str, ckpt: Path, *flags: str, probe: str | None = None) -> WebUI:
+    """A WebUI with this extension in a fresh data dir, once its model is loaded.
+
+    `probe`: the source of a test-only script, installed as one more extension loaded after ours.
+    """
     data = WORK / f"data-{name}"
     shutil.rmtree(data, ignore_errors=True)
     (data / "extensions").mkdir(parents=True)
     os.symlink(REPO, data / "extensions" / "sd-webui-bk-sdm")
+    if probe:
+        (data / "extensions" / "zz-bksdm-probe" / "scripts").mkdir(parents=True)
+        (data / "extensions" / "zz-bksdm-probe" / "scripts" / "probe.py").write_text(probe)
     port = _free_port()
     log = WORK / f"webui-{name}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -360,6 +366,81 @@ def test_diffusers_named_lora_lands_on_the_bk_block(webui):
     shown = {name: pixels(webui.txt2img(prompt=f"a photo of a cat <lora:{name}:1>")["images"][0])
              for name in ("bk-diffusers", "bk-out2", "bk-out3")}
     assert shown["bk-diffusers"] == shown["bk-out2"] != shown["bk-out3"]
+
+
+HANDOFF_PROBE = """
+# Test-only: the VRAM hand-off acts only with CUDA; on this CPU WebUI it is switched on and the
+# model's moves (which are no-ops on the CPU) are recorded instead.
+from modules import script_callbacks, sd_models
+
+from bksdm_ext.webui import extension
+
+extension._handoff_wanted = lambda: True
+moves = []
+
+
+def _counted(name):
+    original = getattr(sd_models, name)
+
+    def wrapper(*args, **kwargs):
+        moves.append(name)
+        return original(*args, **kwargs)
+
+    setattr(sd_models, name, wrapper)
+
+
+to_ram = hasattr(sd_models, "send_model_to_device")  # 1.7+ (1.6 drops the model and reloads it itself)
+if to_ram:
+    for _name in ("unload_model_weights", "send_model_to_device"):
+        _counted(_name)
+
+
+def _routes(demo, app):
+    app.add_api_route("/probe/handoff", lambda: {"moves": list(moves), "lent": extension.ext.lent, "to_ram": to_ram},
+                      methods=["GET"])
+
+
+script_callbacks.on_app_started(_routes)
+"""
+
+
+def test_a_generation_during_a_job_borrows_the_model_and_gives_it_back(checkpoints, webui, tmp_path):
+    from jobs_helpers import tiny_distill_values, write_tiny_dataset
+    from tiny import write_tiny_pipeline
+
+    webui.stop()  # one WebUI at a time (memory)
+    server = launch("handoff", checkpoints["small-v1"], probe=HANDOFF_PROBE)
+    try:
+        def moves():
+            return server.get("/probe/handoff")["moves"]
+
+        if not server.get("/probe/handoff")["to_ram"]:
+            pytest.skip("WebUI 1.6 drops its model when unloading and reloads it itself when generating")
+        start = len(moves())
+        values = tiny_distill_values(write_tiny_pipeline(tmp_path / "teacher"), write_tiny_dataset(tmp_path / "data"),
+                                     steps=100_000)
+        values["output_dir"] = str(tmp_path / "out")
+        job = server.post("/bksdm/v1/jobs", {"kind": "distill", "config": values})
+        assert moves()[start:] == ["unload_model_weights"]  # freed before the job's process started
+        assert len(server.txt2img()["images"]) == 1
+        deadline = time.time() + 30  # the runner's next ticks give the GPU back
+        while (probe := server.get("/probe/handoff"))["lent"] and time.time() < deadline:
+            time.sleep(0.5)
+        assert probe["moves"][start:] == ["unload_model_weights", "send_model_to_device", "unload_model_weights"]
+        assert not probe["lent"]
+        server.post(f"/bksdm/v1/jobs/{job['id']}/cancel")
+        deadline = time.time() + 120
+        while server.get(f"/bksdm/v1/jobs/{job['id']}")["state"] not in ("cancelled", "done", "failed"):
+            assert time.time() < deadline
+            time.sleep(1)
+        deadline = time.time() + 30  # the queue is empty: the model goes back for good
+        while len(moves()) - start < 4 and time.time() < deadline:
+            time.sleep(0.5)
+        assert moves()[start:] == ["unload_model_weights", "send_model_to_device", "unload_model_weights",
+                                   "send_model_to_device"]
+        assert len(server.txt2img()["images"]) == 1
+    finally:
+        server.stop()
 
 
 def test_lowvram_and_sdp_attention_on_a_bk_layout(checkpoints, webui):
