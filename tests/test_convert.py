@@ -3,6 +3,7 @@
 import importlib
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -235,7 +236,8 @@ def test_single_file_without_metadata_gets_configs_from_its_shapes(tmp_path):
     ckpt = tmp_path / "plain.ckpt"
     torch.save({"state_dict": tensors}, ckpt)  # tensors only: torch's safe loader accepts it
     lines = convert(ckpt, tmp_path / "back")
-    assert any("No tokenizer given" in line for line in lines)
+    assert any("No tokenizer given: wrote tokenizer/" in line for line in lines)
+    assert (tmp_path / "back" / "tokenizer" / "vocab.json").is_file()
     restored = io.read_diffusers_folder(tmp_path / "back")
     original = io.read_diffusers_folder(pipe)
     for part in ("unet", "vae", "text_encoder"):
@@ -245,6 +247,42 @@ def test_single_file_without_metadata_gets_configs_from_its_shapes(tmp_path):
     assert vae_config["block_out_channels"] == [32, 32, 64, 64] and vae_config["layers_per_block"] == 1
     assert restored.configs["text_encoder"]["num_hidden_layers"] == 3
     assert restored.configs["model_index"]["tokenizer"] == ["transformers", "CLIPTokenizer"]
+
+
+@pytest.mark.parametrize("version,pad", [("v1", 49407), ("v2-768", 0)])
+def test_folder_from_a_single_file_gets_its_family_tokenizer_unless_one_is_given(tmp_path, version, pad):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    pipe = write_tiny_pipeline(tmp_path / "pipe", "small", version)
+    single = tmp_path / "m.safetensors"
+    convert(pipe, single)
+    lines = convert(single, tmp_path / "back")
+    repo = "openai/clip-vit-large-patch14" if version == "v1" else "stabilityai/stable-diffusion-2-1"
+    assert f"No tokenizer given: wrote tokenizer/ as {repo}'s" in lines[-1]
+    assert sorted(p.name for p in (tmp_path / "back" / "tokenizer").iterdir()) == [
+        "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "back")
+    assert loaded.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert loaded.tokenizer.pad_token_id == pad
+
+    # a tokenizer given, or a source folder's own, is copied as it is
+    config = io.read_json(pipe / "tokenizer" / "tokenizer_config.json")
+    io.write_json(pipe / "tokenizer" / "tokenizer_config.json", {**config, "model_max_length": 64})
+    convert(single, tmp_path / "given", tokenizer=pipe / "tokenizer")
+    convert(pipe, tmp_path / "copy")
+    for folder in ("given", "copy"):
+        assert CLIPTokenizer.from_pretrained(tmp_path / folder / "tokenizer").model_max_length == 64, folder
+
+
+def test_without_open_clip_nothing_is_written(tmp_path, tiny_pipeline_v1, monkeypatch):
+    single = tmp_path / "m.safetensors"
+    convert(tiny_pipeline_v1, single)
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    monkeypatch.setitem(sys.modules, "open_clip.tokenizer", None)
+    with pytest.raises(BKSDMError, match="pip install open-clip-torch"):
+        convert(single, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "m.yaml"]
 
 
 def test_bad_sources_and_destinations_are_refused_without_writing(tmp_path, tiny_pipeline_v1, capsys):

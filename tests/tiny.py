@@ -7,14 +7,13 @@ one, built from the BPE vocabulary that the open-clip-torch wheel ships.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from bksdm_ext import layouts
+from bksdm_ext import layouts, tokenizer
 
 TINY_CHANNELS = [32, 64, 64, 64]
 CROSS_DIM = 32
@@ -83,30 +82,9 @@ def tiny_text_encoder(version: str = "v1", seed: int = 0):
     return CLIPTextModel(config).eval()
 
 
-def write_clip_tokenizer(directory: str | os.PathLike) -> Path:
-    """The real CLIP BPE tokenizer (openai/clip-vit-large-patch14's) written as a HF tokenizer folder."""
-    import open_clip.tokenizer as oct
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    merges = gzip.open(oct.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    vocab = list(oct.bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = lambda text: {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": True,  # noqa: E731
-                            "rstrip": False, "single_word": False}
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace",
-        "bos_token": special("<|startoftext|>"), "eos_token": special("<|endoftext|>"),
-        "unk_token": special("<|endoftext|>"), "pad_token": "<|endoftext|>",
-    }))
-    (directory / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
-    }))
-    return directory
+def write_clip_tokenizer(directory: str | os.PathLike, family: str = "v1") -> Path:
+    """The real CLIP BPE tokenizer (v1: openai/clip-vit-large-patch14's), as the product builds it offline."""
+    return tokenizer.write_clip_tokenizer(directory, family)
 
 
 def write_tiny_pipeline(directory: str | os.PathLike, layout: str = "teacher", version: str = "v1",

@@ -116,6 +116,15 @@ def _tokenizer_source(path: Path) -> Path:
     return folder
 
 
+def _write_own_tokenizer(folder: Path, family: str) -> str:
+    """Build the family's CLIP tokenizer so a folder from a single file (which has none) loads as it is."""
+    from ..tokenizer import FAMILIES, write_clip_tokenizer
+
+    write_clip_tokenizer(folder, family)
+    return (f"No tokenizer given: wrote tokenizer/ as {FAMILIES[family].hub_repo}'s ({family}), built from "
+            "open_clip's CLIP BPE vocabulary; --tokenizer DIR copies another.")
+
+
 def _write_component(folder: Path, tensors: io.StateDict, config: dict, weights_name: str, half: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     io.write_json(folder / "config.json", config)
@@ -136,6 +145,11 @@ def write_folder(model: Model, dst: Path, half: bool = False, tokenizer: Path | 
             _write_component(tmp, model.weights["unet"], model.configs["unet"], "diffusion_pytorch_model.safetensors",
                              half)
         else:
+            # the tokenizer first: if it cannot be built, the user learns before gigabytes are written
+            if tokenizer_dir:
+                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            else:
+                lines.append(_write_own_tokenizer(tmp / "tokenizer", model.detection.family))
             names = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                      "text_encoder": "model.safetensors"}
             for name, tensors in model.weights.items():
@@ -143,12 +157,6 @@ def write_folder(model: Model, dst: Path, half: bool = False, tokenizer: Path | 
             (tmp / "scheduler").mkdir()
             io.write_json(tmp / "scheduler" / "scheduler_config.json", model.configs["scheduler"])
             io.write_json(tmp / "model_index.json", checkpoint.written_model_index(model.configs["model_index"]))
-            if tokenizer_dir:
-                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-            else:
-                lines.append(f"No tokenizer given: copy a CLIP tokenizer folder to {dst / 'tokenizer'} "
-                             "(for v1 openai/clip-vit-large-patch14's, for v2 stable-diffusion-2's tokenizer/), "
-                             "or convert again with --tokenizer FOLDER.")
         if dst.exists():
             dst.rmdir()
         os.replace(tmp, dst)
@@ -171,6 +179,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False, 
     if src.resolve() == dst.resolve():
         raise BKSDMError("SRC and DST are the same path.")
     model = load_model(src, version)
+    if tokenizer is None and (src / "tokenizer").is_dir():
+        tokenizer = src  # a pipeline folder keeps its own tokenizer
     if dst.suffix == ".safetensors":
         lines = write_single_file(model, dst, half)
     else:

@@ -33,33 +33,36 @@ def load_parts(source: str, parts=PARTS) -> dict:
     return loaded
 
 
-# where each family's tokenizer comes from when a single-file checkpoint (which has none) is used
-TOKENIZERS = {768: ("openai/clip-vit-large-patch14", ""), 1024: ("stabilityai/stable-diffusion-2-1", "tokenizer")}
-
-
 def _single_file_parts(path: Path, parts) -> dict:
-    """Convert a single-file checkpoint once into a diffusers folder in the cache, then load that."""
-    import json
+    """Convert a single-file checkpoint once into a diffusers folder in the cache, then load that.
 
-    from transformers import CLIPTokenizer
+    The file has no tokenizer: the family's published one is used when the HF cache or the hub has it,
+    else the same CLIP tokenizer is built offline from open_clip's vocabulary.
+    """
+    import shutil
+    import tempfile
 
-    from ..convert import convert
+    from ..convert import load_model, write_folder
+    from ..tokenizer import get_family, save_hub_tokenizer
     from .cache import default_cache_dir
 
     stat = path.stat()
     folder = default_cache_dir().parent / "models" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
-    if not (folder / "model_index.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        for line in convert(path, folder):
-            print(line, flush=True)
     if not (folder / "tokenizer").is_dir():
-        width = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
-        repo, subfolder = TOKENIZERS[width]
-        try:
-            CLIPTokenizer.from_pretrained(repo, subfolder=subfolder).save_pretrained(folder / "tokenizer")
-        except OSError:
-            raise BKSDMError(f"{path} has no tokenizer and {repo}'s is neither cached nor downloadable: copy a "
-                             f"CLIP tokenizer folder to {folder / 'tokenizer'}.") from None
+        # earlier versions left the folder without a tokenizer when offline: convert again
+        shutil.rmtree(folder, ignore_errors=True)
+        model = load_model(path)
+        if not model.is_pipeline:
+            raise BKSDMError(f"{path} holds a U-Net alone: a job needs the whole model (VAE and text encoder "
+                             "too); choose a full checkpoint or a pipeline folder.")
+        family = model.detection.family
+        with tempfile.TemporaryDirectory() as tmp:
+            hub = save_hub_tokenizer(Path(tmp) / "tokenizer", family)
+            if hub is None:
+                print(f"{get_family(family).hub_repo}'s tokenizer is neither cached nor downloadable: building the "
+                      "same CLIP tokenizer offline from open_clip's vocabulary.", flush=True)
+            for line in model.notes + write_folder(model, folder, tokenizer=hub):
+                print(line, flush=True)
     return load_parts(str(folder), parts)
 
 
