@@ -311,13 +311,17 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_resumable(tm
 
 @pytest.mark.slow
 def test_two_process_accelerate_run_has_two_ranks_and_firing_hooks(tmp_path, tiny_pipeline_v1):
+    from bksdm_ext.convert import convert
+
     data = write_images(tmp_path / "data", 4)
     job = tmp_path / "job"
     job.mkdir()
     settings = small_settings(max_steps=2, checkpoint_every=2)
-    DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings).save(job / "config.toml")
+    teacher = tmp_path / "teacher.safetensors"  # a single file: both ranks need it converted, once
+    convert(tiny_pipeline_v1, teacher)
+    DistillConfig(teacher=str(teacher), data=str(data), **settings).save(job / "config.toml")
     accelerate = Path(sys.executable).with_name("accelerate")
-    env = one_thread_env()
+    env = dict(one_thread_env(), XDG_CACHE_HOME=str(tmp_path / "cache"))
     result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
                              "-m", "bksdm_ext.train", "distill", "--job-dir", str(job)],

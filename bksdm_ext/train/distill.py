@@ -39,7 +39,8 @@ def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator
     check_output_free(job, _output_name(config))
 
     # models, and a latent/text cache or images encoded every step (the official way)
-    parts = load_parts(config.teacher)
+    with acc.main_process_first():  # a single-file model is converted once, by the main process
+        parts = load_parts(config.teacher)
     run = Distillation(config, job, parts)
     dataset = make_dataset(job, config, meta.items, parts)
 

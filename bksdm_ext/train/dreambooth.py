@@ -36,7 +36,8 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
     instance_images = list_images(config.instance_data, "instance_data")
     name = config.output_name or f"dreambooth-{Path(config.instance_data).name}"
     check_output_free(job, name)
-    parts = load_parts(config.base_model)
+    with acc.main_process_first():  # a single-file model is converted once, by the main process
+        parts = load_parts(config.base_model)
     layout = layout_of(parts["unet"].config)
     job.say(f"Base model: {layouts.get_layout(layout).title}; {len(instance_images)} instance images; "
             f"mode {config.mode}.")
