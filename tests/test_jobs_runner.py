@@ -15,9 +15,9 @@ import pytest
 from jobs_helpers import TESTS_DIR, make_runner, wait_for, wait_until
 
 from bksdm_ext.errors import BKSDMError
-from bksdm_ext.jobs import toml
+from bksdm_ext.jobs import process, toml
 from bksdm_ext.jobs.kinds import JobKind
-from bksdm_ext.jobs.runner import LaunchSettings, job_command
+from bksdm_ext.jobs.runner import LaunchSettings, job_command, job_marker
 from bksdm_ext.jobs.store import JobStore
 
 pytestmark = pytest.mark.slow
@@ -179,20 +179,72 @@ def test_the_background_thread_kills_workers_outliving_a_killed_job(runner):
         _kill_if_left(child)
 
 
+def _exited(pid):
+    """The process is a zombie or gone: its children already belong to init."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _sleeper(**env):
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env={**os.environ, **env})
+
+
+def test_a_worker_whose_launcher_dies_before_any_poll_is_killed(runner):
+    # submit's poll started the job; no poll has run since, so the runner never saw the worker
+    job, launcher, child = _start_job_with_worker(runner)
+    try:
+        assert child.environ()[process.MARKER_ENV] == job_marker(job.id, 1, runner.get(job.id).started)
+        assert process.MARKER_ENV not in os.environ  # the runner's own process never carries it
+        os.kill(launcher, signal.SIGKILL)
+        wait_until(lambda: _exited(launcher), 10, "the launcher to exit")  # the worker is init's now
+        assert runner._trees.get(job.id) is None
+        wait_for(runner, job.id, ("interrupted", "failed"))
+        wait_until(lambda: _gone(child), 10, "the orphan to die")
+    finally:
+        _kill_if_left(child)
+
+
+def test_a_finished_job_stops_only_what_carries_its_own_marker(runner):
+    job = runner.submit("count", {"steps": 3, "step_s": 0.2, "spawn_child": True})
+    launcher, child_file = runner.get(job.id).pid, Path(job.folder) / "child.pid"
+    wait_until(child_file.exists, what="the grandchild")
+    child, others = psutil.Process(int(child_file.read_text())), []
+    try:
+        marker = child.environ()[process.MARKER_ENV]
+        job_id, attempt, started = marker.split(":")
+        for value in (f"{job_id}:{int(attempt) + 1}:{started}",  # the next launch of the same job (a resume)
+                      f"count-20200101-000000-abcd:{attempt}:{started}",  # another job
+                      marker + "0", marker[:-1]):  # a longer and a shorter value
+            others.append(_sleeper(**{process.MARKER_ENV: value}))
+        others.append(_sleeper(OTHER_VARIABLE=marker))
+        wait_until(lambda: _exited(launcher), 30, "the job to finish")  # before the runner polls again
+        assert wait_for(runner, job.id, ("done", "failed", "interrupted")).state == "done"
+        wait_until(lambda: _gone(child), 10, "the worker it left to die")
+        assert [other.poll() for other in others] == [None] * 5
+    finally:
+        _kill_if_left(child)
+        for other in others:
+            other.kill()
+            other.wait()
+
+
 PARENT = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from jobs_helpers import make_runner
 runner = make_runner({data!r})
-job = runner.submit("count", {{"steps": {steps}, "step_s": 0.1, "checkpoint_every": 2}})
+job = runner.submit("count", {values!r})
 print(job.id, flush=True)
 runner.start()
 time.sleep(600)
 """
 
 
-def _start_parent(data, steps):
-    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(tests=TESTS_DIR, data=str(data), steps=steps)],
+def _start_parent(data, **values):
+    values = {"step_s": 0.1, "checkpoint_every": 2, **values}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(tests=TESTS_DIR, data=str(data), values=values)],
                               stdout=subprocess.PIPE, text=True)
     return parent, parent.stdout.readline().strip()
 
@@ -239,6 +291,36 @@ def test_restarted_parent_marks_a_vanished_job_interrupted(tmp_path):
         assert wait_for(runner, job_id, "cancelled").attempts == 2
     finally:
         runner.close()
+
+
+def test_a_restarted_runner_kills_the_orphan_of_a_launcher_that_dies_before_its_first_poll(tmp_path):
+    parent, job_id = _start_parent(tmp_path / "data", steps=1000, spawn_child=True)
+    store = JobStore(tmp_path / "data" / "jobs.sqlite3")
+    child_file = tmp_path / "data" / "jobs" / job_id / "child.pid"
+    child = runner = None
+    try:
+        wait_until(child_file.exists, what="the grandchild")
+        child = psutil.Process(int(child_file.read_text()))
+        parent.kill()  # the WebUI dies, and with it the tree its runner had captured
+        parent.wait()
+        runner = make_runner(tmp_path / "data")
+        assert runner.get(job_id).state == "running"
+        os.kill(store.get(job_id).pid, signal.SIGKILL)  # the launcher dies before the new runner's first poll
+        wait_until(lambda: _exited(store.get(job_id).pid), 10, "the launcher to exit")
+        runner.poll()
+        assert runner.get(job_id).state in ("interrupted", "failed")
+        wait_until(lambda: _gone(child), 10, "the orphan to die")
+    finally:
+        parent.kill()
+        parent.wait()
+        if child is not None:
+            _kill_if_left(child)
+        pid = store.get(job_id).pid
+        if pid and not _exited(pid):
+            os.killpg(pid, signal.SIGKILL)
+        store.close()
+        if runner is not None:
+            runner.close()
 
 
 def test_two_launches_of_the_same_form_make_one_job(runner):

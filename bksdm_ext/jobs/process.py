@@ -3,6 +3,12 @@
 A job runs in its own process group (POSIX: a new session; Windows: CREATE_NEW_PROCESS_GROUP) so
 that it survives the WebUI's death and so that the whole tree (accelerate's ranks, data workers)
 can be signalled or killed at once.
+
+Each launch also carries a marker in its environment (MARKER_ENV, unique per launch), which every
+process it starts inherits, whatever session it runs in. `marked` finds them by it, so workers are
+found even after their launcher died unseen. Reading another process's environment needs psutil's
+`environ()`: Linux, Windows and macOS have it for one's own processes; where it is missing or
+refused, `marked` finds nothing and only the captured process tree is left to kill.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -18,10 +25,15 @@ import psutil
 WINDOWS = sys.platform == "win32"
 # A pid is only "ours" if its start time matches what we recorded: pids are reused.
 START_TIME_TOLERANCE_S = 1.0
+MARKER_ENV = "BKSDM_JOB"
+# How a process's owner is compared: uids on POSIX (no user-database lookup per process).
+OWNER = "username" if WINDOWS else "uids"
 
 
-def spawn(command: list[str], log_path: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start `command` detached from our process group, stdout and stderr appended to `log_path`."""
+def spawn(command: list[str], log_path: Path, cwd: Path, env: dict[str, str], marker: str) -> subprocess.Popen:
+    """Start `command` detached from our process group, stdout and stderr appended to `log_path`, with
+    MARKER_ENV=`marker` in its environment (only there: never in ours)."""
+    env = {**env, MARKER_ENV: marker}
     if WINDOWS:
         # Sharing our console (no CREATE_NO_WINDOW) is what lets CTRL_BREAK_EVENT reach the job's group.
         flags = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
@@ -93,8 +105,51 @@ def merge_tree(seen: list[psutil.Process], current: list[psutil.Process]) -> lis
     return list(tree)
 
 
-def kill_processes(processes: list[psutil.Process]) -> None:
-    """Kill those still running; psutil checks each is the same process (pid and start time)."""
+def marked(marker: str) -> list[psutil.Process]:
+    """Our user's running processes, other than this one, whose environment has MARKER_ENV=`marker`.
+
+    One pass over the process table, reading the environment only of our user's processes: meant for
+    once per finished job, not for every poll.
+    """
+    if not hasattr(psutil.Process, "environ"):
+        return []
+    me = psutil.Process()
+    owner = getattr(me, OWNER)()
+    found = []
+    for proc in psutil.process_iter([OWNER]):
+        if proc.pid == me.pid or proc.info[OWNER] != owner:
+            continue
+        try:
+            if proc.environ().get(MARKER_ENV) == marker:
+                found.append(proc)
+        except psutil.Error:  # AccessDenied, NoSuchProcess, ZombieProcess
+            pass
+    return found
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def kill_processes(processes: list[psutil.Process], grace_s: float = 0.0) -> None:
+    """Kill those still running; psutil checks each is the same process (pid and start time).
+
+    With `grace_s`, they are asked to stop first (SIGTERM / TerminateProcess) and only those still
+    running after `grace_s` are killed.
+    """
+    if grace_s > 0:
+        for proc in processes:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        # not psutil.wait_procs: it waits for an orphan's zombie until init reaps it
+        deadline = time.monotonic() + grace_s
+        while (processes := [p for p in processes if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
     for proc in processes:
         try:
             if proc.is_running():

@@ -11,6 +11,11 @@ The contract with a job process (bksdm_ext.train and the test job kind follow it
   "cancelled" and exits 0. A job that does not is sent SIGTERM (CTRL_BREAK on Windows) after a
   grace period, and its whole process tree is killed after a timeout.
 
+Each launch has BKSDM_JOB=<job id>:<attempt>:<start time> in its environment, which everything it
+starts inherits (torch elastic's ranks, data workers): when the job ends, whatever still carries it
+is stopped, even workers no poll saw, e.g. under a launcher killed right after it started or while
+no runner was watching. Nothing outside the job carries it (the runner never sets it on itself).
+
 The runner's state lives in the job store, so a restarted WebUI re-attaches to a job that is
 still running (same pid and start time) and marks one that vanished "interrupted" (resumable
 when it left a checkpoint) or "failed".
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding bksdm_ext
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+ORPHAN_GRACE_S = 3.0  # a finished job's leftover workers, after SIGTERM, before they are killed
 
 
 @dataclass
@@ -82,6 +88,13 @@ def job_command(kind: JobKind, job_dir: Path, resume: bool, launch: LaunchSettin
         accelerate += ["--machine_rank", str(launch.machine_rank), "--main_process_ip", launch.main_process_ip,
                        "--main_process_port", str(launch.main_process_port)]
     return [sys.executable, *accelerate, *launch.extra_args, *job]
+
+
+def job_marker(job_id: str, attempt: int, started: float) -> str:
+    """The value of process.MARKER_ENV for one launch of a job: a resumed job's new attempt is another
+    launch, and a job id that comes back (a rebuilt store) has another start time. Derived from the
+    job's row, so a restarted runner knows it too."""
+    return f"{job_id}:{attempt}:{started:.6f}"
 
 
 def read_progress(folder: str | Path) -> dict[str, Any]:
@@ -419,8 +432,10 @@ class Runner:
         if ours:
             self._procs.pop(job.id, None)
             process.kill_leftovers(job.pid)  # its group's stragglers (data workers, ranks), if any
-        # Workers that outlive their launcher (a killed `accelerate launch` leaves its ranks) hold the GPU.
-        process.kill_processes(self._trees.pop(job.id, []))
+        # Workers that outlive their launcher (a killed `accelerate launch` leaves its ranks) hold the GPU:
+        # those the polls saw, and those carrying this launch's marker (started, or orphaned, unseen).
+        marked = process.marked(job_marker(job.id, job.attempts, job.started)) if job.started else []
+        process.kill_processes(process.merge_tree(self._trees.pop(job.id, []), marked), grace_s=ORPHAN_GRACE_S)
         self.store.update(job.id, expect=ACTIVE_STATES, state=state, finished=time.time(), message=message,
                           resumable=int(checkpoint and state != "done"))
         self._remove_cancel_file(job)
@@ -457,8 +472,9 @@ class Runner:
 
     def _launch(self, job: Job, kind: JobKind) -> None:
         # Claim the job first, so two runners on one data folder never start it twice.
-        if not self.store.update(job.id, expect=("queued",), state="running", started=time.time(), pid=None,
-                                 pid_started=None, attempts=job.attempts + 1, message="Starting."):
+        started, attempt = time.time(), job.attempts + 1
+        if not self.store.update(job.id, expect=("queued",), state="running", started=started, pid=None,
+                                 pid_started=None, attempts=attempt, message="Starting."):
             return
         folder = Path(job.folder)
         self._remove_cancel_file(job)
@@ -467,9 +483,9 @@ class Runner:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
         try:
             with open(folder / "log.txt", "a", encoding="utf-8") as f:
-                f.write(f"\n=== attempt {job.attempts + 1}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f.write(f"\n=== attempt {attempt}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                         f"{' '.join(command)}\n")
-            proc = process.spawn(command, folder / "log.txt", folder, env)
+            proc = process.spawn(command, folder / "log.txt", folder, env, job_marker(job.id, attempt, started))
         except OSError as error:
             self.store.update(job.id, state="failed", finished=time.time(),
                               message=f"Could not start the job ({error}).")
