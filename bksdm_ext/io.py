@@ -11,8 +11,10 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,6 +190,28 @@ def _replace(tmp: Path, target: Path) -> None:
                 tmp.unlink(missing_ok=True)
                 raise BKSDMError(f"Cannot replace {target}: another program has it open. Close it and retry.") from None
             time.sleep(0.2 * (attempt + 1))
+
+
+@contextmanager
+def new_folder(target: Path):
+    """Build a folder beside `target` (yielded) and rename it into place when the block ends, all or nothing.
+
+    An empty `target` is replaced; a non-empty one is refused. A failure or kill inside the block leaves
+    no folder that looks complete (the temporary one is removed, or left under a dotted .tmp name).
+    """
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise BKSDMError(f"{target} exists and is not an empty folder; choose a new destination.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BKSDMError
+from .io import new_folder
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # CLIP's context: start, 75 tokens, end
@@ -73,14 +72,10 @@ def write_clip_tokenizer(directory: str | os.PathLike, family: str = "v1") -> Pa
     """
     pad = get_family(family).pad_token
     merges, byte_alphabet = _bpe()
-    directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise BKSDMError(f"{directory} exists and is not an empty folder; choose a new place for the tokenizer.")
     letters = list(byte_alphabet.values())
     vocab = letters + [b + "</w>" for b in letters] + ["".join(m.split()) for m in merges] + [START, END]
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
+    directory = Path(directory)
+    with new_folder(directory) as tmp:
         (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         (tmp / "tokenizer_config.json").write_text(json.dumps({
@@ -90,12 +85,6 @@ def write_clip_tokenizer(directory: str | os.PathLike, family: str = "v1") -> Pa
         }, indent=2))
         (tmp / "special_tokens_map.json").write_text(json.dumps(
             {"bos_token": START, "eos_token": END, "unk_token": END, "pad_token": pad}, indent=2))
-        if directory.exists():
-            directory.rmdir()
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

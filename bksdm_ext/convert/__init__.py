@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,13 +133,9 @@ def _write_component(folder: Path, tensors: io.StateDict, config: dict, weights_
 
 def write_folder(model: Model, dst: Path, half: bool = False, tokenizer: Path | None = None) -> list[str]:
     """A diffusers pipeline folder (or a U-Net folder for a U-Net alone), built beside `dst` then renamed."""
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise BKSDMError(f"{dst} exists and is not an empty folder; choose a new destination.")
     tokenizer_dir = _tokenizer_source(tokenizer) if tokenizer else None
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     lines = []
-    try:
+    with io.new_folder(dst) as tmp:
         if not model.is_pipeline:
             _write_component(tmp, model.weights["unet"], model.configs["unet"], "diffusion_pytorch_model.safetensors",
                              half)
@@ -157,12 +152,6 @@ def write_folder(model: Model, dst: Path, half: bool = False, tokenizer: Path | 
             (tmp / "scheduler").mkdir()
             io.write_json(tmp / "scheduler" / "scheduler_config.json", model.configs["scheduler"])
             io.write_json(tmp / "model_index.json", checkpoint.written_model_index(model.configs["model_index"]))
-        if dst.exists():
-            dst.rmdir()
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     det = model.detection
     return [f"Wrote {dst}: {det.layout}, {model.decision.version} (decided by {model.decision.source}), "
             f"{'fp16' if half else 'fp32'}, {', '.join(model.weights)}."] + lines
