@@ -14,6 +14,7 @@ import torch
 from bksdm_ext import layouts
 from bksdm_ext.errors import BKSDMError
 from bksdm_ext.student import build_student
+from bksdm_ext.train import cache as core_cache
 from bksdm_ext.train import core, losses
 from bksdm_ext.train.config import DistillConfig
 from tiny import tiny_unet, tiny_unet_config
@@ -377,6 +378,26 @@ def test_latent_cache_is_built_once_reused_and_invalidated(tmp_path, tiny_pipeli
     shard = load_file(str(shards[0]))
     assert shard["latents"].shape == (3, 4, 8, 8) and shard["latents"].dtype == torch.float16
     assert shard["text"].shape == (3, 77, 32)
+    # random flips: the flipped crop is encoded, which is not the flipped latent
+    import random
+
+    from diffusers import AutoencoderKL
+
+    from bksdm_ext.train.data import augment, open_rgb
+    from bksdm_ext.train.models import encode_images
+
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline_v1, subfolder="vae")
+    pixels = augment(open_rgb(data / "0.png"), 64, True, False, random.Random(0))[None].flip(-1)
+    with torch.no_grad():
+        expected = encode_images(vae, pixels, sample=False)[0]
+    cached = shard["latents_flipped"][0].float()
+    # the VAE ran in bf16 (teacher_half): ~4e-3 off; the flipped latent is ~0.18 off
+    assert (cached - expected).abs().max() < 0.02
+    assert (cached - shard["latents"][0].float().flip(-1)).abs().max() > 0.05
+    pairs = core_cache.LatentCache(tmp_path / "cache", shards[0].parent.name, [], 64).dataset(True, config.seed)
+    pairs.shards, pairs.rows = [shards[0]], [(0, 0, 0)]
+    drawn = {bool(torch.equal(pairs[(epoch, 0)]["latents"], shard["latents_flipped"][0])) for epoch in range(12)}
+    assert drawn == {True, False}  # both the crop and its flip are served, by the seeded coin
 
     distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), tmp_path / "b")
     assert "Using the latent cache" in capsys.readouterr().out

@@ -4,7 +4,9 @@ Encoding every image and caption once removes the VAE and text-encoder passes fr
 step (about a fifth of the official code's step, BKSDM.md §3). The cache folder is named by a hash of
 the data (file names, sizes, modification times, captions), the preprocessing and the two encoders'
 weights, so a change to any of them makes a new cache and an unchanged one is reused by any job.
-Latents are the posterior mean of the center crop; a random flip then flips the latent.
+Latents are the posterior mean of the center crop. For random flips the flipped crop is encoded too
+(the VAE is not flip-equivariant, so flipping a latent is not flipping the image): about a fifth more
+space, and each flip is the one the image pipeline would have made.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "bksdm" / "latents"
 
 
-def bytes_per_pair(resolution: int, text_dim: int, max_tokens: int) -> int:
-    """fp16 latent (4 × (R/8)²) plus fp16 text embedding (tokens × width)."""
-    return 2 * (4 * (resolution // 8) ** 2 + max_tokens * text_dim)
+def bytes_per_pair(resolution: int, text_dim: int, max_tokens: int, flipped: bool = False) -> int:
+    """fp16 latent (4 × (R/8)²; twice with the flipped crop) plus fp16 text embedding (tokens × width)."""
+    return 2 * ((1 + flipped) * 4 * (resolution // 8) ** 2 + max_tokens * text_dim)
 
 
 def human_size(size: float) -> str:
@@ -43,9 +45,9 @@ def human_size(size: float) -> str:
     return f"{size:.3g} TB"
 
 
-def cache_key(items, resolution: int, parts: dict) -> str:
+def cache_key(items, resolution: int, parts: dict, flipped: bool = False) -> str:
     h = hashlib.sha256()
-    h.update(f"v1 {resolution}".encode())
+    h.update(f"v1 {resolution}{' flipped' if flipped else ''}".encode())
     for path, caption in items:
         stat = path.stat()
         h.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{caption}\n".encode())
@@ -67,8 +69,8 @@ def _model_fingerprint(model) -> str:
 class LatentCache:
     """The shards of one cache folder; `build()` fills missing shards, resumable after a kill."""
 
-    def __init__(self, root: Path, key: str, items, resolution: int):
-        self.dir, self.items, self.resolution = Path(root) / key, items, resolution
+    def __init__(self, root: Path, key: str, items, resolution: int, flipped: bool = False):
+        self.dir, self.items, self.resolution, self.flipped = Path(root) / key, items, resolution, flipped
         self.shards = (len(items) + SHARD - 1) // SHARD
 
     def shard_path(self, i: int) -> Path:
@@ -85,7 +87,7 @@ class LatentCache:
             if self.shard_path(i).exists():
                 continue
             chunk = list(enumerate(self.items[i * SHARD : (i + 1) * SHARD], start=i * SHARD))
-            latents, texts, kept = [], [], []
+            latents, flipped, texts, kept = [], [], [], []
             for start in range(0, len(chunk), 16):
                 group = [(j, path, caption) for j, (path, caption) in chunk[start : start + 16]
                          if reject_reason(path, max(1, self.resolution // 2)) is None]
@@ -95,12 +97,17 @@ class LatentCache:
                                       for _, p, _ in group])
                 with torch.inference_mode():
                     latents.append(encode_images(parts["vae"], pixels, sample=False).to(torch.float16).cpu())
+                    if self.flipped:
+                        flipped.append(encode_images(parts["vae"], pixels.flip(-1), sample=False)
+                                       .to(torch.float16).cpu())
                     texts.append(encode_prompts(parts["tokenizer"], parts["text_encoder"], [c for _, _, c in group],
                                                 device).to(torch.float16).cpu())
                 kept += [j for j, _, _ in group]
             tensors = {"index": torch.tensor(kept, dtype=torch.int64)}
             if kept:
                 tensors.update(latents=torch.cat(latents).contiguous(), text=torch.cat(texts).contiguous())
+                if flipped:
+                    tensors["latents_flipped"] = torch.cat(flipped).contiguous()
             tmp = self.shard_path(i).with_suffix(".tmp")
             save_file(tensors, str(tmp))
             os.replace(tmp, self.shard_path(i))
@@ -111,7 +118,7 @@ class LatentCache:
 
 
 class CachedPairs:
-    """Dataset over the cache's shards, read lazily: (latent, text embedding), the latent flipped at random."""
+    """Dataset over the cache's shards, read lazily: (latent, text embedding), of the flipped crop at random."""
 
     def __init__(self, shards: list[Path], random_flip: bool, seed: int):
         self.shards, self.random_flip, self.seed = shards, random_flip, seed
@@ -130,7 +137,6 @@ class CachedPairs:
         if number not in self._open:
             self._open[number] = safe_open(str(self.shards[number]), "pt")
         shard = self._open[number]
-        latent = shard.get_slice("latents")[row : row + 1][0]
-        if self.random_flip and random.Random(f"{self.seed}:{epoch}:{index}").random() < 0.5:
-            latent = latent.flip(-1)
+        flip = self.random_flip and random.Random(f"{self.seed}:{epoch}:{index}").random() < 0.5
+        latent = shard.get_slice("latents_flipped" if flip else "latents")[row : row + 1][0]
         return {"latents": latent, "text": shard.get_slice("text")[row : row + 1][0], "index": index}

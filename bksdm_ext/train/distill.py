@@ -138,10 +138,11 @@ def _conditioning(batch, parts, device, generator):
 def build_cache(job: Job, config: DistillConfig, items, parts):
     root = Path(config.cache_dir) if config.cache_dir else latent_cache.default_cache_dir()
     encoder = parts["text_encoder"]
+    flipped = config.random_flip
     size = latent_cache.bytes_per_pair(config.resolution, encoder.config.hidden_size,
-                                       parts["tokenizer"].model_max_length)
-    cache = latent_cache.LatentCache(root, latent_cache.cache_key(items, config.resolution, parts), items,
-                                     config.resolution)
+                                       parts["tokenizer"].model_max_length, flipped)
+    cache = latent_cache.LatentCache(root, latent_cache.cache_key(items, config.resolution, parts, flipped), items,
+                                     config.resolution, flipped)
     if cache.complete:
         job.say(f"Using the latent cache {cache.dir}.")
     else:
