@@ -1,7 +1,7 @@
 """The training core shared by distillation and DreamBooth: job folder, progress, checkpoints, speed parts.
 
 A job folder holds `config.toml`, `progress.json` (atomic), `losses.csv`, `log.txt` (the runner
-captures stdout), `checkpoints/step-N/`, `samples/`, `tb/` (TensorBoard events: `tensorboard --logdir <job>/tb`) and `output/`.
+captures stdout), `checkpoints/step-N/`, `samples/`, `tb/` (TensorBoard events) and `output/`.
 A checkpoint is written into a temporary folder and renamed into place, so a kill at any moment
 leaves the previous one whole. RNG states are saved and restored here rather than by accelerate
 (0.21's `load_state` silently skips them under recent torch).
@@ -339,8 +339,9 @@ def keep_freed_memory() -> bool:
     them on free, so every CPU training step re-faults its gradients and activations page by page:
     about a million page faults and several seconds of kernel time a step for a full-size U-Net,
     a third or more of the step on a 2-core machine. With mmap off for new blocks and trimming off
-    (-1, as mallopt(3) documents), the heap keeps its peak size and steps fault nothing (the peak
-    itself is unchanged).
+    (-1, as mallopt(3) documents), the heap keeps its peak size and, after a few steps, steps fault
+    nothing (the peak itself is unchanged).
+
     Process-wide and irreversible, so only training processes call it, and only on the CPU (CUDA
     memory has its own caching allocator). Returns whether it took effect (False off glibc).
     """

@@ -61,7 +61,13 @@ def _single_file_parts(path: Path, parts) -> dict:
             if hub is None:
                 print(f"{get_family(family).hub_repo}'s tokenizer is neither cached nor downloadable: building the "
                       "same CLIP tokenizer offline from open_clip's vocabulary.", flush=True)
-            for line in model.notes + write_folder(model, folder, tokenizer=hub):
+            try:
+                lines = write_folder(model, folder, tokenizer=hub)
+            except (OSError, BKSDMError):
+                if not (folder / "tokenizer").is_dir():
+                    raise
+                lines = [f"{folder} was converted meanwhile by another process: using it."]
+            for line in model.notes + lines:
                 print(line, flush=True)
     return load_parts(str(folder), parts)
 
