@@ -389,15 +389,12 @@ def _counted(name):
     setattr(sd_models, name, wrapper)
 
 
-to_ram = hasattr(sd_models, "send_model_to_device")  # 1.7+ (1.6 drops the model and reloads it itself)
-if to_ram:
-    for _name in ("unload_model_weights", "send_model_to_device"):
-        _counted(_name)
+for _name in ("send_model_to_cpu", "send_model_to_device"):
+    _counted(_name)
 
 
 def _routes(demo, app):
-    app.add_api_route("/probe/handoff", lambda: {"moves": list(moves), "lent": extension.ext.lent, "to_ram": to_ram},
-                      methods=["GET"])
+    app.add_api_route("/probe/handoff", lambda: {"moves": list(moves), "lent": extension.ext.lent}, methods=["GET"])
 
 
 script_callbacks.on_app_started(_routes)
@@ -414,19 +411,17 @@ def test_a_generation_during_a_job_borrows_the_model_and_gives_it_back(checkpoin
         def moves():
             return server.get("/probe/handoff")["moves"]
 
-        if not server.get("/probe/handoff")["to_ram"]:
-            pytest.skip("WebUI 1.6 drops its model when unloading and reloads it itself when generating")
         start = len(moves())
         values = tiny_distill_values(write_tiny_pipeline(tmp_path / "teacher"), write_tiny_dataset(tmp_path / "data"),
                                      steps=100_000)
         values["output_dir"] = str(tmp_path / "out")
         job = server.post("/bksdm/v1/jobs", {"kind": "distill", "config": values})
-        assert moves()[start:] == ["unload_model_weights"]  # freed before the job's process started
+        assert moves()[start:] == ["send_model_to_cpu"]  # freed before the job's process started
         assert len(server.txt2img()["images"]) == 1
         deadline = time.time() + 30  # the runner's next ticks give the GPU back
         while (probe := server.get("/probe/handoff"))["lent"] and time.time() < deadline:
             time.sleep(0.5)
-        assert probe["moves"][start:] == ["unload_model_weights", "send_model_to_device", "unload_model_weights"]
+        assert probe["moves"][start:] == ["send_model_to_cpu", "send_model_to_device", "send_model_to_cpu"]
         assert not probe["lent"]
         server.post(f"/bksdm/v1/jobs/{job['id']}/cancel")
         deadline = time.time() + 120
@@ -436,7 +431,7 @@ def test_a_generation_during_a_job_borrows_the_model_and_gives_it_back(checkpoin
         deadline = time.time() + 30  # the queue is empty: the model goes back for good
         while len(moves()) - start < 4 and time.time() < deadline:
             time.sleep(0.5)
-        assert moves()[start:] == ["unload_model_weights", "send_model_to_device", "unload_model_weights",
+        assert moves()[start:] == ["send_model_to_cpu", "send_model_to_device", "send_model_to_cpu",
                                    "send_model_to_device"]
         assert len(server.txt2img()["images"]) == 1
     finally:

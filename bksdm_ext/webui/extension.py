@@ -48,6 +48,11 @@ def _handoff_wanted() -> bool:
     return bool(getattr(shared.opts, "bksdm_vram_handoff", True)) and torch.cuda.is_available()
 
 
+# The hand-off moves the model with the WebUI's own send_model_to_cpu / send_model_to_device (1.6+),
+# not unload_model_weights: on 1.6 that drops the model, and the next generation then reuses it
+# without the WebUI's hijack (its text encoder no longer on the WebUI's device or prompt handling).
+
+
 def _unload_for_job() -> bool:
     """Free the GPU for a training job; False when there was nothing to do (the runner then skips the reload)."""
     if not _handoff_wanted() or sd_models.model_data.sd_model is None:
@@ -55,39 +60,42 @@ def _unload_for_job() -> bool:
     from modules import call_queue
 
     with call_queue.queue_lock:  # the runner's thread: never in the middle of a generation
-        sd_models.unload_model_weights()
+        model = sd_models.model_data.sd_model
+        if model is None:
+            return False
+        sd_models.send_model_to_cpu(model)
     return True
 
 
 def _reload_after_jobs() -> None:
     from modules import call_queue
 
-    with call_queue.queue_lock:  # as the WebUI's own /sdapi/v1/reload-checkpoint does it
+    with call_queue.queue_lock:  # as the WebUI's own "load the checkpoint to VRAM" action does it
         ext.lent = False
-        if hasattr(sd_models, "send_model_to_device"):  # 1.7+: unload moved the model to the CPU
-            sd_models.send_model_to_device(shared.sd_model)
-        else:  # 1.6: unload dropped the model
-            sd_models.reload_model_weights()
+        if sd_models.model_data.sd_model is not None:
+            sd_models.send_model_to_device(sd_models.model_data.sd_model)
 
 
 def lend_model_for_generation() -> None:
-    """Before a generation: if our jobs unloaded the WebUI's model, bring it back for this generation.
-
-    WebUI 1.7+ unloads to RAM and would otherwise run the generation with its model on the CPU (a
-    device-mismatch error); 1.6 drops it and reloads it itself. Either way the runner's next tick
-    unloads it again once the generation is over, finished or failed (`_give_gpu_back`).
-    """
+    """Before a generation: if our jobs moved the WebUI's model to RAM, bring it back for this generation
+    (it would otherwise run with its model on the CPU: a device-mismatch error). The runner's next tick
+    moves it out again once the generation is over, finished or failed (`_give_gpu_back`)."""
     if ext.runner is None or not ext.runner.handoff_active:
         return
     ext.lent = True
-    model = sd_models.model_data.sd_model  # not shared.sd_model: on 1.6 reading that loads one
-    if model is not None and hasattr(sd_models, "send_model_to_device"):
+    if sd_models.model_data.sd_model is not None:
         print("[BK-SDM] A training job holds the GPU: the model is back on it for this generation only.")
-        sd_models.send_model_to_device(model)
+        sd_models.send_model_to_device(sd_models.model_data.sd_model)
+
+
+def on_model_loaded(*_) -> None:
+    """A checkpoint loaded while our jobs hold the GPU (a switch in the dropdown) goes back to RAM too."""
+    if ext.runner is not None and ext.runner.handoff_active:
+        ext.lent = True
 
 
 def _give_gpu_back() -> None:
-    """The runner's tick while our jobs hold the GPU: unload what a generation took back, once it is over."""
+    """The runner's tick while our jobs hold the GPU: move out what a generation took back, once it is over."""
     if not ext.lent:
         return
     from modules import call_queue
@@ -96,7 +104,7 @@ def _give_gpu_back() -> None:
         return
     try:
         if sd_models.model_data.sd_model is not None:
-            sd_models.unload_model_weights()
+            sd_models.send_model_to_cpu(sd_models.model_data.sd_model)
         ext.lent = False
     finally:
         call_queue.queue_lock.release()
@@ -193,6 +201,7 @@ def setup() -> None:
     timings.install()
     patch_lora_names()
     script_callbacks.on_model_loaded(patch_lora_names)
+    script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_app_started(on_app_started)
     script_callbacks.on_ui_tabs(on_ui_tabs)
