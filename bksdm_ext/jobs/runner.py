@@ -391,16 +391,19 @@ class Runner:
             self._start_queued()
             if self.handoff_active and not self._gpu_work_left():
                 self.handoff_active = False
-                if self.after_queue_empty is not None:
-                    try:
-                        self.after_queue_empty()
-                    except Exception:  # the WebUI's reload: report, never take the runner down
-                        log.exception("BK-SDM job runner: after_queue_empty failed")
-            elif self.handoff_active and self.during_handoff is not None:
-                try:
-                    self.during_handoff()
-                except Exception:
-                    log.exception("BK-SDM job runner: during_handoff failed")
+                self._run_hook(self.after_queue_empty, "after_queue_empty")
+            elif self.handoff_active:
+                self._run_hook(self.during_handoff, "during_handoff")
+
+    @staticmethod
+    def _run_hook(hook: Callable[[], None] | None, name: str) -> None:
+        """A WebUI hook of the hand-off (reload, re-free): a failure is reported, never takes the runner down."""
+        if hook is None:
+            return
+        try:
+            hook()
+        except Exception:
+            log.exception("BK-SDM job runner: %s failed", name)
 
     def _escalate_cancel(self, job: Job, now: float) -> None:
         if job.state != "cancelling" or job.cancel_requested is None or not job.pid:
