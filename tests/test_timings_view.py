@@ -50,3 +50,14 @@ def test_blocks_build_and_the_refresh_handler_fills_every_output(store_path):
     run = next(f for f in demo.fns if f.name == "run_benchmark")
     message, _ = run.fn(["sd-v1-5"], 2, 1, 64, 64, 3, "Euler")
     assert ran == [(["sd-v1-5"], 3)] and "Recorded 0 images" in message
+
+
+def test_an_empty_store_builds_typed_plots_without_warnings(tmp_path, recwarn):
+    with gr.Blocks():
+        build_timings_view(lambda: tmp_path / "none.sqlite3", lambda names, protocol: [], lambda: [])
+    data = view_data(tmp_path / "none.sqlite3")
+    for plot, frame in ((gr.BarPlot(x="checkpoint", y="s/image", color="condition"), data.seconds_per_image),
+                        (gr.LinePlot(x="generation", y="U-Net ms/step", color="checkpoint"), data.per_step)):
+        assert frame.empty and "object" not in {str(dtype) for dtype in frame.dtypes}
+        assert plot.postprocess(frame) is not None
+    assert not [w for w in recwarn if "infer vegalite type" in str(w.message)]

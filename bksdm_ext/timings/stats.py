@@ -133,10 +133,10 @@ def seconds_per_image_frame(rows: list[GroupRow]):
     import pandas as pd
 
     return pd.DataFrame({
-        "checkpoint": [row.checkpoint for row in rows],
-        "s/image": [row.s_per_image_median for row in rows],
-        "condition": [f"{row.sampler} {row.steps} steps {row.size}" for row in rows],
-    })
+        "checkpoint": pd.Series([row.checkpoint for row in rows], dtype="string"),
+        "s/image": pd.Series([row.s_per_image_median for row in rows], dtype="float64"),
+        "condition": pd.Series([f"{row.sampler} {row.steps} steps {row.size}" for row in rows], dtype="string"),
+    })  # typed columns: an empty plot then has types, not altair's "cannot infer" warning per empty column
 
 
 def per_step_frame(records: list[GenerationRecord]):
@@ -144,7 +144,8 @@ def per_step_frame(records: list[GenerationRecord]):
     import pandas as pd
 
     data = [(i, r.checkpoint, r.unet_median_ms) for i, r in enumerate(records) if r.unet_median_ms is not None]
-    return pd.DataFrame(data, columns=["generation", "checkpoint", "U-Net ms/step"])
+    frame = pd.DataFrame(data, columns=["generation", "checkpoint", "U-Net ms/step"])
+    return frame.astype({"generation": "int64", "checkpoint": "string", "U-Net ms/step": "float64"})
 
 
 def save_plots_png(rows: list[GroupRow], records: list[GenerationRecord], path: str | os.PathLike) -> None:
