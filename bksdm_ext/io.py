@@ -175,6 +175,51 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersFolder:
     return folder
 
 
+# --- disk space ---------------------------------------------------------------------------------
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.3g} {unit}"
+        size /= 1000
+    return f"{size:.3g} TB"
+
+
+def folder_bytes(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under `folder`, leaving out its top-level entries named in `skip`."""
+    total = 0
+    for item in Path(folder).iterdir():
+        if item.name in skip:
+            continue
+        if item.is_dir():
+            total += folder_bytes(item)
+        elif item.is_file():
+            total += item.stat().st_size
+    return total
+
+
+def existing_parent(path: str | os.PathLike) -> Path:
+    """`path` if it exists, else its nearest existing parent (where it would be created)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds `path` (or would hold it)."""
+    return shutil.disk_usage(existing_parent(path)).free
+
+
+def require_free_space(path: str | os.PathLike, needed: int, what: str, advice: str) -> None:
+    """Refuse with a clear message, before the work starts, when `what` cannot fit under `path`."""
+    free = free_bytes(path)
+    if free < needed:
+        raise BKSDMError(f"Not enough disk space: {what} needs about {human_size(needed)} under {path}, "
+                         f"but only {human_size(free)} is free. {advice}")
+
+
 # --- atomic writing -----------------------------------------------------------------------------
 
 

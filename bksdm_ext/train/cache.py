@@ -37,14 +37,6 @@ def bytes_per_pair(resolution: int, text_dim: int, max_tokens: int, flipped: boo
     return 2 * ((1 + flipped) * 4 * (resolution // 8) ** 2 + max_tokens * text_dim)
 
 
-def human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.3g} {unit}"
-        size /= 1000
-    return f"{size:.3g} TB"
-
-
 def cache_key(items, resolution: int, parts: dict, flipped: bool = False) -> str:
     h = hashlib.sha256()
     h.update(f"v1 {resolution}{' flipped' if flipped else ''}".encode())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import random
@@ -27,8 +28,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import BKSDMError
+from ..io import existing_parent, free_bytes, human_size, require_free_space
 
 CHECKPOINT_PREFIX = "step-"
+PARTIAL_PREFIX = f".tmp-{CHECKPOINT_PREFIX}"  # a checkpoint being written; renamed to step-N when complete
+FULL_DISK_BYTES = 16 << 20  # a write that failed with less than this left free is taken for a full disk
 
 
 # --- job folder ---------------------------------------------------------------------------------
@@ -193,22 +197,33 @@ def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, dict[str, torch
     process renames it.
     """
     root = job_dir / "checkpoints"
-    final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+    final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f"{PARTIAL_PREFIX}{step}"
     main = rank == 0
     if main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier(accelerator)
-    save_file(rng, str(tmp / f"rng-{rank}.safetensors"))
+    try:
+        save_file(rng, str(tmp / f"rng-{rank}.safetensors"))
+        if main:
+            for name, group in tensors.items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in group.items()},
+                          str(tmp / f"{name}.safetensors"))
+            torch.save(training, tmp / "training.pt")
+        _barrier(accelerator)
+        if main:
+            _fsync_dir_files(tmp)
+            atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step}, indent=1))
+    except BaseException as error:
+        # torch.save reports a full disk as "unexpected pos": read the disk before freeing the partial
+        full = isinstance(error, Exception) and free_bytes(root) < FULL_DISK_BYTES
+        if main:  # give the partial checkpoint's space back at once
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full and not _disk_full(error):
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from error
+        raise
     if main:
-        for name, group in tensors.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
-        torch.save(training, tmp / "training.pt")
-    _barrier(accelerator)
-    if main:
-        _fsync_dir_files(tmp)
-        atomic_write_text(tmp / "state.json", json.dumps({**state, "step": step}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -217,6 +232,54 @@ def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, dict[str, torch
                 shutil.rmtree(old, ignore_errors=True)
     _barrier(accelerator)
     return final
+
+
+def remove_partial_checkpoints(job_dir: Path) -> None:
+    """Delete the temp folders of checkpoints whose writing was killed: never loadable, often gigabytes."""
+    root = job_dir / "checkpoints"
+    for partial in root.glob(f"{PARTIAL_PREFIX}*") if root.is_dir() else ():
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def checkpoint_bytes(params, ema: bool, optimizer) -> int:
+    """About what one checkpoint takes: the trainable weights, their fp32 EMA and AdamW's two moments."""
+    weights = sum(p.numel() * p.element_size() for p in params)
+    numel = sum(p.numel() for p in params)
+    moments = 2 * numel * (1 if "8bit" in type(optimizer).__name__ else 4)
+    return weights + (4 * numel if ema else 0) + moments
+
+
+def checkpoints_needed(step: int, max_steps: int, every: int, keep: int, existing: int) -> int:
+    """How many more checkpoints' worth of disk the rest of a run needs at its peak.
+
+    The run writes one every `every` steps before `max_steps` and one at the end (or at a cancel); a
+    new one is complete before the oldest beyond `keep` (0: keep all) is deleted.
+    """
+    writes = 1 + (len(range(every * (step // every + 1), max_steps, every)) if every else 0)
+    if not keep:
+        return writes
+    return max(min(keep, existing + writes - 1) + 1 - existing, 1)
+
+
+def check_disk_space(job_dir: Path, config, checkpoint_size: int, step: int,
+                     output: tuple[Path, int] | None = None) -> None:
+    """Refuse, before the first step, a run whose checkpoints (and finished model) cannot fit on disk."""
+    count = checkpoints_needed(step, config.max_steps, config.checkpoint_every, config.checkpoints_keep,
+                               len(checkpoint_dirs(job_dir)))
+    needs = [(job_dir / "checkpoints", count * checkpoint_size,
+              f"{count:,} checkpoint(s) of about {human_size(checkpoint_size)}")]
+    if output is not None:
+        needs.append((output[0], output[1], "the finished model"))
+    by_disk: dict[int, list] = {}
+    for path, size, what in needs:  # the output folder may lie on another disk
+        device = existing_parent(path).stat().st_dev
+        by_disk.setdefault(device, [path, 0, []])
+        by_disk[device][1] += size
+        by_disk[device][2].append(what)
+    for path, size, what in by_disk.values():
+        require_free_space(path, size, " and ".join(what),
+                           f"Free some space, lower checkpoints_keep (now {config.checkpoints_keep}; 0 keeps all), "
+                           "or put the job folder and output_dir on a larger disk.")
 
 
 def _barrier(accelerator):
@@ -445,8 +508,23 @@ def run_job(kind: str, job_dir: str | os.PathLike, resume: str | None = None) ->
         return _fail(progress_path, str(error))
     except Exception as error:  # any other failure: readable line in progress, traceback in the log
         traceback.print_exc()
-        return _fail(progress_path, f"{type(error).__name__}: {error}")
+        return _fail(progress_path, _failure_message(error, job_dir))
     return 0 if outcome in ("done", "cancelled") else 1
+
+
+def _disk_full(error: BaseException) -> bool:
+    """A full disk, as Python (ENOSPC) or safetensors (its Rust error's text) reports it."""
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+
+
+def _failure_message(error: Exception, job_dir: Path) -> str:
+    if _disk_full(error):
+        last = checkpoint_dirs(job_dir)
+        kept = f"the last complete checkpoint, {last[-1].name}, is intact" if last else "no checkpoint was saved yet"
+        where = getattr(error, "filename", None) or job_dir
+        return (f"The disk is full (writing under {where}): {kept}. Free some space "
+                f"(or lower checkpoints_keep), then resume the job.")
+    return f"{type(error).__name__}: {error}"
 
 
 def _trainer(kind: str):
@@ -462,8 +540,11 @@ def _fail(progress_path: Path, message: str) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         state = json.loads(progress_path.read_text()) if progress_path.exists() else {}
         state.update(state="failed", message=message, updated=time.time(), pid=os.getpid())
-        progress_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(progress_path, json.dumps(state, indent=1))
+        try:
+            progress_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(progress_path, json.dumps(state, indent=1))
+        except OSError as error:  # a full disk: the message above is in the log, the exit code tells the runner
+            print(f"progress.json not updated: {error}", file=sys.stderr, flush=True)
     return 1
 
 
@@ -521,7 +602,8 @@ class Job:
 
 
 def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, render=None,
-        ema_decay: float | None = None, resume: str | None = None) -> tuple[str, EMA | None]:
+        ema_decay: float | None = None, resume: str | None = None,
+        output: tuple[Path, int] | None = None) -> tuple[str, EMA | None]:
     """Train `modules` on `loss_fn(batch) -> (loss, {term: tensor})` until max_steps.
 
     Returns ('done' or 'cancelled', the EMA or None).
@@ -529,7 +611,8 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
     `modules` are already prepared by the accelerator; their trainable parameters are what the
     optimiser, the EMA and the checkpoints hold. `make_batches(start)` gives this rank's micro-batches
     (a `data.Batches`) from loader position `start`; `render(step, ema)` writes validation images and
-    returns their paths.
+    returns their paths. `output` is (folder, bytes) of the model written when the run is done: its
+    space is checked with the checkpoints' before the first step.
     """
     config, acc, timer = job.config, job.accelerator, job.timer
     unwrapped = {name: acc.unwrap_model(m) for name, m in modules.items()}
@@ -558,6 +641,9 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
         job.say(f"Resumed from {checkpoint} at step {step}.")
     elif resume:
         job.say("No checkpoint yet: starting from the beginning.")
+    if job.main:
+        remove_partial_checkpoints(job.job_dir)
+        check_disk_space(job.job_dir, config, checkpoint_bytes(params, ema is not None, optimizer), step, output)
 
     def checkpoint_now() -> None:
         tensors = {"trainable": dict(zip(names, params))}

@@ -16,11 +16,12 @@ import torch
 from .. import layouts
 from ..errors import BKSDMError
 from ..student import build_student
+from ..io import folder_bytes, human_size, require_free_space
 from . import cache as latent_cache
 from .config import DistillConfig
 from .core import Job, apply_speedups, fit, half_dtype, render_samples
 from .data import Batches, CaptionedImages, read_metadata, reject_reason
-from .export import check_output_free, export_model
+from .export import check_output_free, export_model, model_bytes, output_dir
 from .losses import diffusion_target, distill_loss, feature_taps
 from .models import encode_images, encode_prompts, freeze, load_parts
 
@@ -60,7 +61,8 @@ def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator
 
     # the loop
     outcome, ema = fit(job, {"student": run.prepared}, run.loss, make_batches, render if acc.is_main_process else None,
-                       config.ema_decay if config.use_ema else None, resume)
+                       config.ema_decay if config.use_ema else None, resume,
+                       output=(output_dir(job), model_bytes(parts["root"], run.student)))
 
     # output: the EMA student as a diffusers folder and a WebUI checkpoint
     if outcome == "done":
@@ -146,8 +148,13 @@ def build_cache(job: Job, config: DistillConfig, items, parts):
     if cache.complete:
         job.say(f"Using the latent cache {cache.dir}.")
     else:
-        job.say(f"Building the latent cache {cache.dir}: {len(items)} pairs x {latent_cache.human_size(size)} = "
-                f"{latent_cache.human_size(len(items) * size)}.")
+        total = len(items) * size
+        job.say(f"Building the latent cache {cache.dir}: {len(items)} pairs x {human_size(size)} = "
+                f"{human_size(total)}.")
+        built = folder_bytes(cache.dir) if cache.dir.is_dir() else 0  # shards of an interrupted build stay
+        require_free_space(cache.dir, total - built, "the latent cache",
+                           "Free space, set cache_dir to a larger disk, or turn the cache off (images are then "
+                           "encoded at every step, as the official code does).")
         job.progress.update(message="building the latent cache")
         with job.timer("cache"):
             cache.build(parts, job.device, job.accelerator.process_index, job.accelerator.num_processes, job.say)

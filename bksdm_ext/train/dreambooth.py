@@ -20,7 +20,7 @@ from .. import layouts
 from .config import DreamBoothConfig
 from .core import Job, apply_speedups, fit, half_dtype, render_samples
 from .data import Batches, CaptionedImages, list_images
-from .export import check_output_free, export_model, output_dir
+from .export import check_output_free, export_model, model_bytes, output_dir
 from .losses import diffusion_target, prior_preservation_loss
 from .models import encode_images, encode_prompts, freeze, layout_of, load_parts
 
@@ -107,7 +107,13 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
                                   config.sample_steps, config.resolution, config.seed)
 
     # the loop
-    outcome, _ = fit(job, modules, loss_fn, make_batches, render if acc.is_main_process else None, None, resume)
+    trained = [unet, text_encoder] if train_text else [unet]
+    if config.mode == "lora":  # the adapters, in the WebUI's file and as a diffusers/peft folder
+        size = 2 * sum(4 * p.numel() for m in trained for p in m.parameters() if p.requires_grad)
+    else:
+        size = model_bytes(parts["root"], *trained)
+    outcome, _ = fit(job, modules, loss_fn, make_batches, render if acc.is_main_process else None, None, resume,
+                     output=(output_dir(job), size))
 
     # output
     if outcome == "done":

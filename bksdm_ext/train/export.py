@@ -10,6 +10,7 @@ import torch
 
 from ..convert import convert
 from ..errors import BKSDMError
+from ..io import folder_bytes
 from ..pipeline_folder import write_student_folder
 
 
@@ -24,6 +25,13 @@ def check_output_free(job, name: str) -> None:
         taken = [p for p in (out / name, out / f"{name}.safetensors") if p.exists()]
         if taken:
             raise BKSDMError(f"{taken[0]} already exists: choose another output_name or output_dir.")
+
+
+def model_bytes(root: Path, *trained: torch.nn.Module) -> int:
+    """About what `export_model` writes: the pipeline folder (trained parts in fp32) and its single file."""
+    replaced = ("unet", "text_encoder")[: len(trained)]
+    kept = folder_bytes(root, skip=replaced) if root is not None else 0
+    return 2 * (kept + sum(4 * p.numel() for m in trained for p in m.parameters()))
 
 
 def export_model(job, unet, root: Path, name: str, text_encoder=None) -> Path:
