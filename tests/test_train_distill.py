@@ -198,12 +198,21 @@ def test_overfitting_eight_images_halves_the_loss(tmp_path, tiny_pipeline_v1, on
     assert set(events) >= {"loss/task", "loss/out_kd", "loss/feat_kd", "samples_per_s"}
 
 
-def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_pipeline_v1, one_thread):
+def _bitsandbytes_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("adamw8bit", marks=pytest.mark.skipif(
+    not _bitsandbytes_importable(), reason="bitsandbytes is not installed (.ci/setup installs it: its 8-bit AdamW "
+                                           "runs on CPU too, 0.50 checked)"))])
+def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_pipeline_v1, one_thread, optimizer):
     from bksdm_ext.train import distill
 
     data = write_images(tmp_path / "data", 5)
     settings = small_settings(max_steps=4, train_batch_size=2, gradient_accumulation_steps=2, random_flip=True,
-                              center_crop=False, checkpoint_every=2)
+                              center_crop=False, checkpoint_every=2, optimizer=optimizer)
     straight = tmp_path / "straight"
     distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), straight)
     halves = tmp_path / "halves"
@@ -215,8 +224,12 @@ def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_pipeline_v1, o
     for row_a, row_b in zip(a, b):
         for term in ("total", "task", "out_kd", "feat_kd"):
             assert row_a[term] == pytest.approx(row_b[term], abs=1e-6), (row_a["step"], term)
-    final_a = core.load_checkpoint(core.checkpoint_dirs(straight)[-1])[0]
+    final_a, training = core.load_checkpoint(core.checkpoint_dirs(straight)[-1])[:2]
     final_b = core.load_checkpoint(core.checkpoint_dirs(halves)[-1])[0]
+    states = [state.get("__bnb_optimizer_quant_state__", state) for state in training["optimizer"]["state"].values()]
+    moments = {v.dtype for state in states for k, v in state.items() if k in ("state1", "state2", "exp_avg", "exp_avg_sq")}
+    # bitsandbytes keeps tensors under 4096 elements in fp32, the rest in 8 bits
+    assert moments == ({torch.uint8, torch.float32} if optimizer == "adamw8bit" else {torch.float32})
     for group in ("trainable", "ema"):
         for key, tensor in final_a[group].items():
             assert torch.allclose(tensor, final_b[group][key], atol=1e-6), key
