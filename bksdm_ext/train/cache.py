@@ -127,8 +127,10 @@ class CachedPairs:
         epoch, position = key
         number, row, index = self.rows[position]
         if number not in self._open:
-            self._open[number] = safe_open(str(self.shards[number]), "pt")
+            # numpy slices: safetensors 0.4's torch slicing indexes in a way recent torch deprecates
+            self._open[number] = safe_open(str(self.shards[number]), "np")
         shard = self._open[number]
         flip = self.random_flip and random.Random(f"{self.seed}:{epoch}:{index}").random() < 0.5
         latent = shard.get_slice("latents_flipped" if flip else "latents")[row : row + 1][0]
-        return {"latents": latent, "text": shard.get_slice("text")[row : row + 1][0], "index": index}
+        text = shard.get_slice("text")[row : row + 1][0]
+        return {"latents": torch.from_numpy(latent), "text": torch.from_numpy(text), "index": index}
