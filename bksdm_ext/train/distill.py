@@ -15,8 +15,8 @@ import torch
 
 from .. import layouts
 from ..errors import BKSDMError
-from ..student import build_student
 from ..io import folder_bytes, human_size, require_free_space
+from ..student import build_student
 from . import cache as latent_cache
 from .config import DistillConfig
 from .core import Job, apply_speedups, fit, half_dtype, render_samples
