@@ -235,6 +235,17 @@ def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_pipeline_v1, o
             assert torch.allclose(tensor, final_b[group][key], atol=1e-6), key
 
 
+@pytest.mark.skipif(not _bitsandbytes_importable(), reason="bitsandbytes is not installed")
+def test_the_8bit_optimiser_is_built_without_bitsandbytes_import_noise():
+    code = ("import torch; from types import SimpleNamespace as C; from bksdm_ext.train.core import make_optimizer; "
+            "c = C(lr=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8, "
+            "optimizer='adamw8bit'); print(type(make_optimizer([torch.nn.Parameter(torch.zeros(3))], c, None)).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=one_thread_env(),
+                            cwd=REPO, timeout=120)
+    assert result.stdout.strip() == "AdamW8bit", result.stderr
+    assert "Failed" not in result.stderr, result.stderr  # a job log would show it
+
+
 def test_single_file_output_loads_strictly_into_the_ldm_unet_from_our_yaml(tmp_path, tiny_pipeline_v1, one_thread):
     import importlib
 

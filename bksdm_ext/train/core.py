@@ -13,6 +13,7 @@ import contextlib
 import csv
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -328,11 +329,19 @@ def make_optimizer(params, config, device: torch.device):
                   betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
     if config.optimizer == "adamw8bit":
+        # its CPU backend warns at import that a 4-bit matmul kernel (a hub download) is missing: the
+        # 8-bit optimiser never uses it, and a job's log should not say "Failed"
+        cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        unused_kernel = logging.Filter()
+        unused_kernel.filter = lambda record: "gemm_4bit_forward" not in record.getMessage()
+        cpu_ops.addFilter(unused_kernel)
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise BKSDMError("optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes, "
                              "or use adamw.") from None
+        finally:
+            cpu_ops.removeFilter(unused_kernel)
         return bnb.optim.AdamW8bit(params, **kwargs)
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
