@@ -35,6 +35,7 @@ PATHS = {
     "fast-fp32": "ours, fp32 (same precision)",
     "fast-fp32-bf16teacher": "ours, fp32 student, bf16 teacher",
     "fast-bf16": "ours, bf16 autocast + bf16 teacher",
+    "fast-bf16-adamw8bit": "ours, bf16 as above + bitsandbytes 8-bit AdamW (memory)",
 }
 
 
@@ -86,8 +87,9 @@ def run_path(name: str, args) -> dict:
     config = DistillConfig(teacher="benchmark/in-memory", data=str(data), layout=args.layout,
                            resolution=args.resolution, train_batch_size=1, gradient_accumulation_steps=1,
                            max_steps=1, checkpoint_every=0, sample_every=0, log_every=10_000, num_workers=0,
-                           mixed_precision="bf16" if name == "fast-bf16" else "no",
-                           teacher_half=name in ("fast-bf16", "fast-fp32-bf16teacher"), cache=True,
+                           mixed_precision="bf16" if name.startswith("fast-bf16") else "no",
+                           teacher_half=name.startswith(("fast-bf16", "fast-fp32-bf16teacher")), cache=True,
+                           optimizer="adamw8bit" if name.endswith("adamw8bit") else "adamw",
                            cache_dir=str(tmp / "cache"), channels_last=False)
     if name.startswith("plain"):
         if name == "plain-fp32-kept-memory":
