@@ -113,8 +113,8 @@ class TrainConfig(JobConfig):
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 = no clipping).")
-    optimizer: str = _f("adamw", "adamw: torch's fused AdamW; adamw8bit: bitsandbytes 8-bit AdamW (if installed; "
-                                 "recent versions run on CPU too).", OPTIMIZERS)
+    optimizer: str = _f("adamw", "adamw: torch's fused AdamW; adamw8bit: bitsandbytes 8-bit AdamW (if installed): "
+                                 "less memory; on CPU (recent versions) its step is much slower.", OPTIMIZERS)
     mixed_precision: str = _f("fp16", "Autocast precision of the trained model: fp16 needs a GPU "
                                       "(bf16 is used on CPU).", MIXED_PRECISION)
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, slower.")
