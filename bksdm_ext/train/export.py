@@ -28,7 +28,10 @@ def check_output_free(job, name: str) -> None:
 
 
 def model_bytes(root: Path, *trained: torch.nn.Module) -> int:
-    """About what `export_model` writes: the pipeline folder (trained parts in fp32) and its single file."""
+    """About what `export_model` writes: the pipeline folder (trained parts in fp32) and its single file.
+
+    `trained`: the U-Net, then the text encoder when it was trained too (they replace root's folders).
+    """
     replaced = ("unet", "text_encoder")[: len(trained)]
     kept = folder_bytes(root, skip=replaced) if root is not None else 0
     return 2 * (kept + sum(4 * p.numel() for m in trained for p in m.parameters()))
