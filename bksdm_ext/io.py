@@ -7,6 +7,7 @@ leaves a half-written file under that name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -212,6 +213,11 @@ def free_bytes(path: str | os.PathLike) -> int:
     return shutil.disk_usage(existing_parent(path)).free
 
 
+def disk_full(error: BaseException) -> bool:
+    """A full disk, as Python (ENOSPC) or safetensors (its Rust error's text) reports it."""
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+
+
 def require_free_space(path: str | os.PathLike, needed: int, what: str, advice: str) -> None:
     """Refuse with a clear message, before the work starts, when `what` cannot fit under `path`."""
     free = free_bytes(path)
@@ -254,8 +260,11 @@ def new_folder(target: Path):
         if target.exists():
             target.rmdir()
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(error):  # e.g. shutil.Error of a copytree, listing each file that did not fit
+            raise BKSDMError(f"The disk is full: {target.name} could not be written in {target.parent}, and "
+                             "nothing there was changed. Free some space and try again.") from None
         raise
 
 
@@ -296,12 +305,17 @@ def write_safetensors(path: str | os.PathLike, tensors: StateDict, metadata: dic
 
     target = Path(path)
     tmp = _temp_path(target)
+    tensors = _unshared(tensors)
     try:
-        save_file(_unshared(tensors), str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if disk_full(error):
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            raise BKSDMError(f"The disk is full: {target.name} (about {human_size(size)}) could not be written in "
+                             f"{target.parent}, and nothing there was changed. Free some space and try again.") from None
         raise
     _replace(tmp, target)
     _fsync_dir(target.parent)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from .errors import BKSDMError
+from .io import new_folder
 
 
 def unet_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -54,16 +55,13 @@ def write_student_folder(student, out: str | os.PathLike, pipeline_root: Path | 
     out = Path(out)
     if out.exists():
         raise BKSDMError(f"{out} already exists: choose a new output folder or delete it first.")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if pipeline_root is None:
-        student.save_pretrained(tmp)
-    else:
-        tmp.mkdir(parents=True)
-        for item in pipeline_root.iterdir():
-            if item.name == "unet" or item.name.startswith("."):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        student.save_pretrained(tmp / "unet")
-    os.replace(tmp, out)
+    with new_folder(out) as tmp:
+        if pipeline_root is None:
+            student.save_pretrained(tmp)
+        else:
+            for item in pipeline_root.iterdir():
+                if item.name == "unet" or item.name.startswith("."):
+                    continue
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            student.save_pretrained(tmp / "unet")
     return out

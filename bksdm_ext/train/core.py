@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import BKSDMError
-from ..io import existing_parent, free_bytes, human_size, require_free_space
+from ..io import disk_full, existing_parent, free_bytes, human_size, require_free_space
 
 CHECKPOINT_PREFIX = "step-"
 PARTIAL_PREFIX = f".tmp-{CHECKPOINT_PREFIX}"  # a checkpoint being written; renamed to step-N when complete
@@ -221,7 +221,7 @@ def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, dict[str, torch
         full = isinstance(error, Exception) and free_bytes(root) < FULL_DISK_BYTES
         if main:  # give the partial checkpoint's space back at once
             shutil.rmtree(tmp, ignore_errors=True)
-        if full and not _disk_full(error):
+        if full and not disk_full(error):
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from error
         raise
     if main:
@@ -521,13 +521,8 @@ def run_job(kind: str, job_dir: str | os.PathLike, resume: str | None = None) ->
     return 0 if outcome in ("done", "cancelled") else 1
 
 
-def _disk_full(error: BaseException) -> bool:
-    """A full disk, as Python (ENOSPC) or safetensors (its Rust error's text) reports it."""
-    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
-
-
 def _failure_message(error: Exception, job_dir: Path) -> str:
-    if _disk_full(error):
+    if disk_full(error):
         last = checkpoint_dirs(job_dir)
         kept = f"the last complete checkpoint, {last[-1].name}, is intact" if last else "no checkpoint was saved yet"
         where = getattr(error, "filename", None) or job_dir

@@ -1,4 +1,5 @@
-"""Disk space: a run that cannot fit is refused before its first step; a disk that fills mid-run fails clearly."""
+"""Disk space: a job that cannot fit is refused before its first step; a disk that fills mid-job or
+mid-conversion fails with a clear message and loses nothing."""
 
 from __future__ import annotations
 
@@ -128,3 +129,27 @@ def test_the_latent_cache_is_refused_when_its_disk_is_too_small(tmp_path, tiny_p
                            cache_dir=str(small_disk / "cache"), **small_settings(max_steps=1))
     with pytest.raises(Exception, match="Not enough disk space: the latent cache needs about .* turn the cache off"):
         distill.train(config, tmp_path / "job")
+
+
+def test_converting_onto_a_full_disk_says_so_and_leaves_nothing_behind(tiny_pipeline_v1, small_disk, capsys):
+    from bksdm_ext.cli import main
+
+    out = small_disk / "models"
+    out.mkdir()
+    (out / "kept.safetensors").write_bytes(b"an earlier file")
+    filler = _fill(small_disk, leave=256 << 10)  # far less than the model
+    assert main(["convert", str(tiny_pipeline_v1), str(out / "tiny.safetensors")]) == 2
+    message = capsys.readouterr().err
+    assert "The disk is full: tiny.safetensors (about" in message and "Free some space" in message, message
+    assert sorted(p.name for p in out.iterdir()) == ["kept.safetensors"]  # no temp file, the other one untouched
+    assert (out / "kept.safetensors").read_bytes() == b"an earlier file"
+
+    # to a folder: the half-built folder goes too
+    assert main(["convert", str(tiny_pipeline_v1), str(out / "tiny-folder")]) == 2
+    message = capsys.readouterr().err
+    assert "The disk is full: tiny-folder could not be written" in message, message
+    assert sorted(p.name for p in out.iterdir()) == ["kept.safetensors"]
+
+    os.unlink(filler)
+    assert main(["convert", str(tiny_pipeline_v1), str(out / "tiny.safetensors")]) == 0
+    assert main(["convert", str(tiny_pipeline_v1), str(out / "tiny-folder")]) == 0
