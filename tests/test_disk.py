@@ -4,6 +4,7 @@ mid-conversion fails with a clear message and loses nothing."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +36,8 @@ def test_checkpoints_needed_counts_the_peak_of_writing_before_pruning():
     assert core.checkpoint_bytes(params, False, adamw) == 20 * 4 * 3
 
 
-def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_its_first_step(tmp_path, tiny_pipeline_v1, one_thread):
+def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_its_first_step(tmp_path, tiny_pipeline_v1, one_thread,
+                                                                              capsys):
     data = write_images(tmp_path / "data", 2)
     job = tmp_path / "job"
     job.mkdir()
@@ -51,7 +53,11 @@ def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_its_first_step(tmp
     # keeping two is what the disk allows: the same job then runs
     DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
                   **small_settings(max_steps=2, checkpoint_every=1, checkpoints_keep=2)).save(job / "config.toml")
+    capsys.readouterr()
     assert core.run_job("distill", job) == 0 and progress(job)["state"] == "done"
+    # what was checked is in the log: steps 1 and 2 each write one, both kept
+    assert re.search(r"Disk: 2 checkpoint\(s\) of about [\d.]+ MB and the finished model: up to [\d.]+ MB of "
+                     r"[\d.]+ [GT]B free under ", capsys.readouterr().out)
 
 
 @pytest.fixture

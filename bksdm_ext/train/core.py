@@ -263,8 +263,11 @@ def checkpoints_needed(step: int, max_steps: int, every: int, keep: int, existin
 
 
 def check_disk_space(job_dir: Path, config, checkpoint_size: int, step: int,
-                     output: tuple[Path, int] | None = None) -> None:
-    """Refuse, before the first step, a run whose checkpoints (and finished model) cannot fit on disk."""
+                     output: tuple[Path, int] | None = None) -> str:
+    """Refuse, before the first step, a run whose checkpoints (and finished model) cannot fit on disk.
+
+    Returns what it checked, for the log.
+    """
     count = checkpoints_needed(step, config.max_steps, config.checkpoint_every, config.checkpoints_keep,
                                len(checkpoint_dirs(job_dir)))
     needs = [(job_dir / "checkpoints", count * checkpoint_size,
@@ -277,10 +280,14 @@ def check_disk_space(job_dir: Path, config, checkpoint_size: int, step: int,
         by_disk.setdefault(device, [path, 0, []])
         by_disk[device][1] += size
         by_disk[device][2].append(what)
+    checked = []
     for path, size, what in by_disk.values():
         require_free_space(path, size, " and ".join(what),
                            f"Free some space, lower checkpoints_keep (now {config.checkpoints_keep}; 0 keeps all), "
                            "or put the job folder and output_dir on a larger disk.")
+        checked.append(f"{' and '.join(what)}: up to {human_size(size)} of {human_size(free_bytes(path))} free "
+                       f"under {existing_parent(path)}")
+    return "Disk: " + "; ".join(checked) + "."
 
 
 def _barrier(accelerator):
@@ -647,7 +654,8 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
         job.say("No checkpoint yet: starting from the beginning.")
     if job.main:
         remove_partial_checkpoints(job.job_dir)
-        check_disk_space(job.job_dir, config, checkpoint_bytes(params, ema is not None, optimizer), step, output)
+        job.say(check_disk_space(job.job_dir, config, checkpoint_bytes(params, ema is not None, optimizer), step,
+                                 output))
 
     def checkpoint_now() -> None:
         tensors = {"trainable": dict(zip(names, params))}
