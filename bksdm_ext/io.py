@@ -218,12 +218,16 @@ def disk_full(error: BaseException) -> bool:
     return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
 
 
-def require_free_space(path: str | os.PathLike, needed: int, what: str, advice: str) -> None:
-    """Refuse with a clear message, before the work starts, when `what` cannot fit under `path`."""
+def require_free_space(path: str | os.PathLike, needed: int, what: str, advice: str) -> int:
+    """Refuse with a clear message, before the work starts, when `what` cannot fit under `path`.
+
+    Returns the free bytes it found.
+    """
     free = free_bytes(path)
     if free < needed:
         raise BKSDMError(f"Not enough disk space: {what} needs about {human_size(needed)} under {path}, "
                          f"but only {human_size(free)} is free. {advice}")
+    return free
 
 
 # --- atomic writing -----------------------------------------------------------------------------
@@ -314,8 +318,9 @@ def write_safetensors(path: str | os.PathLike, tensors: StateDict, metadata: dic
         tmp.unlink(missing_ok=True)
         if disk_full(error):
             size = sum(t.numel() * t.element_size() for t in tensors.values())
-            raise BKSDMError(f"The disk is full: {target.name} (about {human_size(size)}) could not be written in "
-                             f"{target.parent}, and nothing there was changed. Free some space and try again.") from None
+            raise BKSDMError(f"The disk is full: {target.name} (about {human_size(size)}) could not be written "
+                             f"in {target.parent}, and nothing there was changed. Free some space and try "
+                             "again.") from None
         raise
     _replace(tmp, target)
     _fsync_dir(target.parent)

@@ -282,10 +282,10 @@ def check_disk_space(job_dir: Path, config, checkpoint_size: int, step: int,
         by_disk[device][2].append(what)
     checked = []
     for path, size, what in by_disk.values():
-        require_free_space(path, size, " and ".join(what),
-                           f"Free some space, lower checkpoints_keep (now {config.checkpoints_keep}; 0 keeps all), "
-                           "or put the job folder and output_dir on a larger disk.")
-        checked.append(f"{' and '.join(what)}: up to {human_size(size)} of {human_size(free_bytes(path))} free "
+        free = require_free_space(path, size, " and ".join(what),
+                                  f"Free some space, lower checkpoints_keep (now {config.checkpoints_keep}; 0 keeps "
+                                  "all), or put the job folder and output_dir on a larger disk.")
+        checked.append(f"{' and '.join(what)}: up to {human_size(size)} of {human_size(free)} free "
                        f"under {existing_parent(path)}")
     return "Disk: " + "; ".join(checked) + "."
 
