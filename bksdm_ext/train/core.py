@@ -339,8 +339,10 @@ def make_optimizer(params, config, device: torch.device):
         # its CPU backend warns at import that a 4-bit matmul kernel (a hub download) is missing: the
         # 8-bit optimiser never uses it, and a job's log should not say "Failed"
         cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
-        unused_kernel = logging.Filter()
-        unused_kernel.filter = lambda record: "gemm_4bit_forward" not in record.getMessage()
+
+        def unused_kernel(record: logging.LogRecord) -> bool:  # a logging filter may be a plain callable
+            return "gemm_4bit_forward" not in record.getMessage()
+
         cpu_ops.addFilter(unused_kernel)
         try:
             import bitsandbytes as bnb
