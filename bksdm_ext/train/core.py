@@ -276,17 +276,16 @@ def check_disk_space(job_dir: Path, config, checkpoint_size: int, step: int,
         needs.append((output[0], output[1], "the finished model"))
     by_disk: dict[int, list] = {}
     for path, size, what in needs:  # the output folder may lie on another disk
-        device = existing_parent(path).stat().st_dev
-        by_disk.setdefault(device, [path, 0, []])
-        by_disk[device][1] += size
-        by_disk[device][2].append(what)
+        where = existing_parent(path)
+        entry = by_disk.setdefault(where.stat().st_dev, [path, where, 0, []])
+        entry[2] += size
+        entry[3].append(what)
     checked = []
-    for path, size, what in by_disk.values():
+    for path, where, size, what in by_disk.values():
         free = require_free_space(path, size, " and ".join(what),
                                   f"Free some space, lower checkpoints_keep (now {config.checkpoints_keep}; 0 keeps "
                                   "all), or put the job folder and output_dir on a larger disk.")
-        checked.append(f"{' and '.join(what)}: up to {human_size(size)} of {human_size(free)} free "
-                       f"under {existing_parent(path)}")
+        checked.append(f"{' and '.join(what)}: up to {human_size(size)} of {human_size(free)} free under {where}")
     return "Disk: " + "; ".join(checked) + "."
 
 
