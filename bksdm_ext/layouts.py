@@ -9,6 +9,7 @@ feature-KD layer pairs. Detection of a state dict's layout lives in `detect.py` 
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
@@ -247,6 +248,13 @@ def validate(layout: Layout, spec: str | None = None, channels=BLOCK_OUT_CHANNEL
 def from_architecture(down: tuple[int, ...], mid_block: bool) -> Layout:
     """The layout with these shapes and the default provenance (detection from shapes alone)."""
     return parse_spec(f"down={','.join(map(str, down))} mid={'yes' if mid_block else 'no'}")
+
+
+def slug(layout: Layout | str) -> str:
+    """A file-name part for a layout: its name for a table layout, 'custom-<hash of the spec>' otherwise
+    (a spec is never used as a path)."""
+    lay = get_layout(layout)
+    return lay.name if lay.is_named else "custom-" + hashlib.sha1(lay.name.encode()).hexdigest()[:10]
 
 
 def layout_of_config(config: dict) -> Layout:

@@ -9,7 +9,6 @@ current, else one generated under a folder of our own, named by a hash of the la
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -108,8 +107,7 @@ def yaml_for(layout: str, version: str, near: str | os.PathLike | None = None) -
     text = render(ldm_model_config(lay.name, version), lay.name, version)
     if near and Path(near).is_file() and Path(near).read_text() == text:
         return Path(near)
-    digest = hashlib.sha1(lay.name.encode()).hexdigest()[:12]  # the spec is no file name
-    path = generated_config_dir() / f"bksdm-{version}-custom-{digest}.yaml"
+    path = generated_config_dir() / config_name(layouts.slug(lay), version)
     if not path.is_file() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, text)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import BKSDMError
+from ..layouts import STUDENTS
 
 try:
     import tomllib
@@ -166,7 +167,8 @@ class DistillConfig(TrainConfig):
     kind: ClassVar[str] = "distill"
 
     teacher: str = _f("", "The SD-v1/v2 teacher: a diffusers folder, a single-file checkpoint, or a hub id (online).")
-    layout: str = _f("small", "Student layout to build from the teacher and train.", ("base", "small", "tiny"))
+    layout: str = _f("small", "Student layout to build from the teacher and train (or a custom layout spec, "
+                              "e.g. 'down=2,1,1,2 mid=no').", STUDENTS)
     data: str = _f("", "Image folder with metadata.jsonl or metadata.csv (file_name, text), as LAION-Aesthetics.")
     caption_column: str = _f("text", "Caption column of the metadata.")
     image_column: str = _f("file_name", "Image file column of the metadata.")
@@ -188,7 +190,7 @@ class DistillConfig(TrainConfig):
         super().validate()
         lay = layouts.get_layout(self.layout)
         if not lay.is_student:
-            raise BKSDMError("layout must be a student layout: base, small or tiny.")
+            raise BKSDMError(f"layout must be a student layout: {', '.join(STUDENTS)} or a custom spec.")
         check_model_source(self.teacher, "teacher")
         read_metadata(self.data, self.image_column, self.caption_column)
         if self.use_ema and not 0 < self.ema_decay < 1:

@@ -95,11 +95,8 @@ def layout_of(unet_config) -> str:
     """The BK layout (or 'teacher' for SD itself) of a diffusers U-Net config; refuses any other."""
     from .. import layouts
 
-    config = dict(unet_config)
-    shape = (config.get("layers_per_block"), config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None,
-             len(config.get("down_block_types", ())))
-    for lay in layouts.LAYOUTS.values():
-        if shape == (lay.layers_per_block, lay.mid_block, lay.stages):
-            return lay.name
-    raise BKSDMError(f"The U-Net (layers_per_block {shape[0]}, mid block {shape[1]}, {shape[2]} stages) is neither "
-                     "SD-1.x/2.x nor a BK-SDM layout: choose a BK-SDM or SD model.")
+    try:
+        return layouts.layout_of_config(dict(unet_config)).name
+    except BKSDMError:
+        raise BKSDMError("The U-Net is neither SD-1.x/2.x nor a BK-SDM layout (nor a custom layout of SD's blocks): "
+                         "choose a BK-SDM or SD model.") from None
