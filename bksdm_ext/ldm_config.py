@@ -17,6 +17,7 @@ import yaml
 
 from . import layouts
 from .errors import BKSDMError
+from .io import write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -98,8 +99,6 @@ def generated_config_dir() -> Path:
 def yaml_for(layout: str, version: str, near: str | os.PathLike | None = None) -> Path:
     """The yaml that builds `layout`: the shipped one for a table layout; for a custom one the yaml
     `near` the checkpoint if it says exactly that, else one generated (once) in `generated_config_dir`."""
-    from .io import write_text
-
     lay = layouts.get_layout(layout)
     if lay.is_named:
         return config_path(lay.name, version)
@@ -116,8 +115,6 @@ def yaml_for(layout: str, version: str, near: str | os.PathLike | None = None) -
 
 def write_yaml_for(checkpoint: str | os.PathLike, layout: str, version: str, unet_config: dict | None = None) -> Path:
     """Write `<checkpoint stem>.yaml` beside a checkpoint, atomically."""
-    from .io import write_text
-
     text = render(ldm_model_config(layout, version, unet_config), layout, version)
     return write_text(Path(checkpoint).with_suffix(".yaml"), text)
 
@@ -134,7 +131,7 @@ def shipped_configs() -> dict[Path, str]:
 def main() -> int:
     CONFIG_DIR.mkdir(exist_ok=True)
     for path, text in shipped_configs().items():
-        path.write_text(text)
+        write_text(path, text)
         print(path.relative_to(CONFIG_DIR.parent.parent))
     return 0
 
