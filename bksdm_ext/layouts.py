@@ -257,15 +257,6 @@ def slug(layout: Layout | str) -> str:
     return lay.name if lay.is_named else "custom-" + hashlib.sha1(lay.name.encode()).hexdigest()[:10]
 
 
-def layout_of_config(config: dict) -> Layout:
-    """The layout of a diffusers U-Net config, or a BKSDMError for a U-Net that is none of ours."""
-    per_block = config.get("layers_per_block")
-    stages = len(config.get("down_block_types", ()))
-    down = tuple(per_block) if isinstance(per_block, (list, tuple)) else (per_block,) * stages
-    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None
-    return from_architecture(down, mid)
-
-
 def get_layout(name: "str | Layout") -> Layout:
     """A table layout by name, or the layout a spec describes (`parse_spec`)."""
     if isinstance(name, Layout):
