@@ -154,3 +154,24 @@ def test_prune_writes_a_diffusers_folder_that_distillation_reads(tmp_path, tiny_
     config = io.read_json(out / "unet" / "config.json")
     assert layout_of(config) == "down=2,1,1,2 mid=no" and config["layers_per_block"] == [2, 1, 1, 2]
     assert (out / "tokenizer" / "vocab.json").is_file()
+
+
+def test_prune_job_writes_the_checkpoint_and_says_where(tmp_path, tiny_pipeline_v1):
+    from bksdm_ext import kinds
+    from bksdm_ext.job import JobFolder, run_job
+
+    job = tmp_path / "job"
+    config = kinds.get("prune").build_config({"source": str(tiny_pipeline_v1), "keep": "sd-nomid",
+                                              "output_dir": str(tmp_path / "models")})
+    job.mkdir()
+    config.save(JobFolder(job).config)
+    assert run_job("prune", job) == 0
+    progress = JobFolder(job).read_progress()
+    target = tmp_path / "models" / f"{tiny_pipeline_v1.name}-sd-nomid.safetensors"
+    assert progress.state == "done" and progress.output == str(target)
+    assert io.read_metadata(target)["bksdm.layout"] == "sd-nomid" and target.with_suffix(".yaml").is_file()
+    # a custom spec never becomes a file name
+    custom = kinds.get("prune").build_config({"source": str(tiny_pipeline_v1), "keep": "down=2,1,1,2 mid=no"})
+    assert custom.outputs(job).single.name.startswith(f"{tiny_pipeline_v1.name}-custom-")
+    with pytest.raises(Exception, match="whole teacher"):
+        kinds.get("prune").build_config({"source": str(tiny_pipeline_v1), "keep": "teacher"})
