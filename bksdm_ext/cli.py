@@ -12,6 +12,7 @@ from .errors import BKSDMError
 COMMAND_MODULES = (
     "bksdm_ext.commands.model",
     "bksdm_ext.commands.report",
+    "bksdm_ext.commands.prune",
     "bksdm_ext.commands.train",
     "bksdm_ext.commands.timing",
     "bksdm_ext.commands.app",

@@ -90,7 +90,7 @@ def _supported() -> str:
         f"{lay.name} ({lay.stages} stages, {lay.layers_per_block} per down stage, "
         f"{'a' if lay.mid_block else 'no'} middle block)"
         for lay in layouts.LAYOUTS.values()
-    )
+    ) + "; or a custom layout of SD's blocks (3-4 stages, 1-2 per down stage, with or without the middle block)"
 
 
 def _structure(keys, naming: str) -> tuple[int, tuple[int, ...], bool]:
@@ -116,10 +116,29 @@ def _structure(keys, naming: str) -> tuple[int, tuple[int, ...], bool]:
     return len(downsamplers) + 1, per_stage, any(k.startswith("mid_block.") for k in keys)
 
 
-def match_layout(stages: int, per_stage: tuple[int, ...], mid: bool, naming: str) -> layouts.Layout:
-    for lay in layouts.LAYOUTS.values():
-        if (stages, mid) == (lay.stages, lay.mid_block) and per_stage == (lay.layers_per_block,) * stages:
+def match_layout(stages: int, per_stage: tuple[int, ...], mid: bool, naming: str,
+                 metadata: dict | None = None) -> layouts.Layout:
+    """The layout with this structure: a table one, or a custom one (provenance from our metadata).
+
+    Shapes decide the architecture; where layouts share it (a custom layout shaped like Small, say),
+    the `bksdm.layout` our files record decides.
+    """
+    recorded = (metadata or {}).get("bksdm.layout")
+    if recorded:
+        try:
+            lay = layouts.get_layout(recorded)
+        except BKSDMError:
+            lay = None  # not ours to read (another tool's, or damaged): the shapes decide
+        if lay is not None and lay.architecture == (per_stage, mid) and lay.stages == stages:
             return lay
+    for lay in layouts.LAYOUTS.values():
+        if (stages, mid) == (lay.stages, lay.mid_block) and per_stage == lay.down:
+            return lay
+    if len(per_stage) == stages:
+        try:
+            return layouts.from_architecture(per_stage, mid)
+        except BKSDMError:
+            pass
     raise BKSDMError(
         f"Unknown U-Net layout ({naming} keys): {stages} stages with {list(per_stage)} R(+A) blocks per down "
         f"stage and {'a' if mid else 'no'} middle block. Supported: {_supported()}."
@@ -180,8 +199,11 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 # --- detection ----------------------------------------------------------------------------------
 
 
-def detect_unet(state_dict: dict) -> UNetDetection:
-    """Layout, family and key check of the U-Net in `state_dict` (a whole checkpoint or a U-Net)."""
+def detect_unet(state_dict: dict, metadata: dict | None = None) -> UNetDetection:
+    """Layout, family and key check of the U-Net in `state_dict` (a whole checkpoint or a U-Net).
+
+    `metadata`: the file's safetensors header; its `bksdm.layout` tells apart layouts of one shape.
+    """
     naming, prefix = find_unet(state_dict)
     unet = unet_part(state_dict, prefix)
     if any(k.startswith(("label_emb.", "add_embedding.", "class_embedding.")) for k in unet):
@@ -193,7 +215,7 @@ def detect_unet(state_dict: dict) -> UNetDetection:
         kind = kinds.get(in_channels, "a non-text-to-image")
         raise BKSDMError(f"This is {kind} U-Net ({in_channels} input channels). BK-SDM layouts are text-to-image "
                          f"U-Nets with 4 input channels: {_supported()}.")
-    layout = match_layout(*_structure(unet.keys(), naming), naming)
+    layout = match_layout(*_structure(unet.keys(), naming), naming, metadata)
     renamed, unplaced = diffusers_names(unet, layout, naming)
     if _PROJ_IN not in renamed or _TO_K not in renamed:
         raise BKSDMError(f"The U-Net has no cross-attention in its first stage ({_PROJ_IN} missing): "

@@ -118,4 +118,9 @@ register(Kind("dreambooth", "DreamBooth", "bksdm_ext.train.config:DreamBoothConf
 register(Kind("convert", "Import / Convert", "bksdm_ext.jobs.convert_job:ConvertConfig",
               "bksdm_ext.jobs.convert_job:run",
               gpu=False, help="import a model (diffusers folder or single file) for the WebUI or diffusers"))
+register(Kind("prune", "Prune", "bksdm_ext.jobs.prune_job:PruneConfig", "bksdm_ext.jobs.prune_job:run", gpu=False,
+              help="remove blocks from an SD-1.x/2.x model without retraining (sd-nomid, or a layout spec)"))
+register(Kind("sensitivity", "Block sensitivity", "bksdm_ext.sensitivity.job:SensitivityConfig",
+              "bksdm_ext.sensitivity.job:run",
+              help="how much each block of an SD teacher matters (BK-SDM App. C), and a layout for a target size"))
 _BUILTIN = frozenset(_KINDS)

@@ -9,6 +9,7 @@ feature-KD layer pairs. Detection of a state dict's layout lives in `detect.py` 
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
@@ -36,17 +37,51 @@ class Version:
 
 @dataclass(frozen=True)
 class Layout:
-    """Which blocks a U-Net keeps. The teacher is Stable Diffusion itself."""
+    """Which blocks a U-Net keeps, and from which teacher blocks. The teacher is Stable Diffusion itself.
+
+    Two parts. The architecture (`down`, `mid_block`) is what the shapes of a file show: R(+A) pairs
+    per down stage, outer to inner (its length is the number of stages: 3 when the innermost one is
+    removed); each up stage has one block more than its down stage. The provenance (`down_from`,
+    `up_from`) says, per resolution stage, which teacher pair (down) or block (up) each kept one was
+    copied from; it defaults to the BK rule (BKSDM.md §2): a down stage keeps its first pairs, an up
+    stage its first blocks and the teacher's last.
+    """
 
     name: str
     title: str
-    layers_per_block: int  # R(+A) pairs per down stage; up stages have one more
+    down: tuple[int, ...]
     mid_block: bool
-    stages: int  # resolution stages: 4 for SD, 3 when the innermost one is removed
+    down_from: tuple[tuple[int, ...], ...] = ()
+    up_from: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self):
+        if not self.down_from:
+            object.__setattr__(self, "down_from", tuple(tuple(range(n)) for n in self.down))
+        if not self.up_from:
+            last = TEACHER_PAIRS  # the teacher's last up block of a stage
+            object.__setattr__(self, "up_from", tuple(tuple(range(n)) + (last,) for n in self.down))
+
+    @property
+    def stages(self) -> int:
+        """Resolution stages: 4 for SD, 3 when the innermost one is removed."""
+        return len(self.down)
+
+    @property
+    def layers_per_block(self) -> int | tuple[int, ...]:
+        """diffusers' `layers_per_block`: one number when every down stage keeps as many pairs."""
+        return self.down[0] if len(set(self.down)) == 1 else self.down
 
     @property
     def is_student(self) -> bool:
         return self.name != "teacher"
+
+    @property
+    def is_named(self) -> bool:
+        return LAYOUTS.get(self.name) == self
+
+    @property
+    def architecture(self) -> tuple[tuple[int, ...], bool]:
+        return self.down, self.mid_block
 
     def has_attention(self, stage: int) -> bool:
         # SD's innermost (4th) stage is the only one without cross-attention.
@@ -55,6 +90,9 @@ class Layout:
     def has_downsampler(self, stage: int) -> bool:
         return stage < self.stages - 1
 
+
+TEACHER_STAGES = 4
+TEACHER_PAIRS = 2  # R(+A) pairs per teacher down stage; its up stages have 3 blocks (0, 1, 2)
 
 VERSIONS: dict[str, Version] = {
     v.name: v
@@ -68,10 +106,12 @@ VERSIONS: dict[str, Version] = {
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
-        Layout("teacher", "SD (teacher)", 2, True, 4),
-        Layout("base", "BK-SDM-Base", 1, True, 4),
-        Layout("small", "BK-SDM-Small", 1, False, 4),
-        Layout("tiny", "BK-SDM-Tiny", 1, False, 3),
+        Layout("teacher", "SD (teacher)", (2, 2, 2, 2), True),
+        Layout("base", "BK-SDM-Base", (1, 1, 1, 1), True),
+        Layout("small", "BK-SDM-Small", (1, 1, 1, 1), False),
+        Layout("tiny", "BK-SDM-Tiny", (1, 1, 1), False),
+        # BK-SDM App. B: SD with its mid-stage removed, usable without retraining
+        Layout("sd-nomid", "SD without mid-stage", (2, 2, 2, 2), False),
     )
 }
 TEACHER = LAYOUTS["teacher"]
@@ -81,11 +121,157 @@ BLOCK_OUT_CHANNELS = (320, 640, 1280, 1280)
 CHANNEL_MULT = (1, 2, 4, 4)
 
 
-def get_layout(name: str) -> Layout:
-    try:
+# --- custom layouts: a spec of what is kept -----------------------------------------------------
+
+SPEC_HELP = ("a layout name ({names}) or a spec of what is kept: down=N,N,N[,N] (R-A pairs per down stage, "
+             "outer to inner, 1 or 2 each; 3 numbers remove the innermost stage), mid=yes|no, inner=yes|no; "
+             "optionally down_from=.. and up_from=.. (per stage, the teacher pairs/blocks kept, as digits: "
+             "down_from=01,0,0,1 up_from=012,02,02,12). Example: 'down=2,1,1,2 mid=no'.")
+_YES, _NO = ("yes", "y", "true", "1", "keep", "kept"), ("no", "n", "false", "0", "drop", "none")
+
+
+def _spec_error(spec: str, why: str) -> BKSDMError:
+    return BKSDMError(f"Layout spec {spec!r}: {why}. Give {SPEC_HELP.format(names=', '.join(LAYOUTS))}")
+
+
+def _flag(spec: str, key: str, value: str) -> bool:
+    if value.lower() in _YES:
+        return True
+    if value.lower() in _NO:
+        return False
+    raise _spec_error(spec, f"{key}={value} is neither yes nor no")
+
+
+def _digit_lists(spec: str, key: str, value: str) -> tuple[tuple[int, ...], ...]:
+    parts = value.split(",")
+    if not all(p.isdigit() for p in parts):
+        raise _spec_error(spec, f"{key} must list digits per stage, e.g. 01,0,0,01")
+    return tuple(tuple(int(c) for c in p) for p in parts)
+
+
+def parse_spec(spec: str) -> Layout:
+    """The layout a spec describes (see SPEC_HELP), validated against SD's shapes."""
+    fields: dict[str, str] = {}
+    for token in spec.replace(";", " ").split():
+        key, sep, value = token.partition("=")
+        key = key.lower()
+        if not sep or key not in ("down", "mid", "inner", "down_from", "up_from") or key in fields:
+            raise _spec_error(spec, f"{token!r} is not one of down=, mid=, inner=, down_from=, up_from= (once each)")
+        fields[key] = value
+    if not fields:
+        raise _spec_error(spec, "it is empty")
+    inner = _flag(spec, "inner", fields["inner"]) if "inner" in fields else None
+    down_from = _digit_lists(spec, "down_from", fields["down_from"]) if "down_from" in fields else ()
+    up_from = _digit_lists(spec, "up_from", fields["up_from"]) if "up_from" in fields else ()
+    if "down" in fields:
+        if not all(p.isdigit() for p in fields["down"].split(",")):
+            raise _spec_error(spec, "down must list numbers, e.g. down=2,1,1,2")
+        down = tuple(int(p) for p in fields["down"].split(","))
+    elif down_from:
+        down = tuple(len(d) for d in down_from)
+    elif up_from:
+        down = tuple(len(u) - 1 for u in up_from)
+    else:
+        down = (TEACHER_PAIRS,) * (TEACHER_STAGES if inner in (None, True) else TEACHER_STAGES - 1)
+    if inner is not None and (len(down) == TEACHER_STAGES) != inner:
+        raise _spec_error(spec, f"inner={fields['inner']} but down lists {len(down)} stages")
+    layout = Layout("", "", down, _flag(spec, "mid", fields.get("mid", "yes")), down_from, up_from)
+    validate(layout, spec)
+    return _named(layout)
+
+
+def _named(layout: Layout) -> Layout:
+    """`layout` under its table name when it is one, else under its canonical spec."""
+    for named in LAYOUTS.values():
+        if (named.architecture, named.down_from, named.up_from) == (
+                layout.architecture, layout.down_from, layout.up_from):
+            return named
+    default = Layout("", "", layout.down, layout.mid_block)
+    name = f"down={','.join(map(str, layout.down))} mid={'yes' if layout.mid_block else 'no'}"
+    if layout.down_from != default.down_from:
+        name += " down_from=" + ",".join("".join(map(str, d)) for d in layout.down_from)
+    if layout.up_from != default.up_from:
+        name += " up_from=" + ",".join("".join(map(str, u)) for u in layout.up_from)
+    return Layout(name, f"Custom ({name})", layout.down, layout.mid_block, layout.down_from, layout.up_from)
+
+
+def _stage_inputs(channels, stages: int, stage: int) -> tuple[int, int, int]:
+    """(input of the first down pair, input from below of the first up block, skip of the last up block)."""
+    before = channels[stage - 1] if stage else channels[0]
+    below = channels[stage + 1] if stage + 1 < stages else channels[stages - 1]
+    return before, below, before
+
+
+def slot_fits(channels, stages: int, stage: int, side: str, slot: int, slots: int, source: int) -> bool:
+    """Whether teacher block `source` of a stage has the shapes of a student's block `slot` (of `slots`).
+
+    A down pair takes the previous stage's channels if it is the first, else its own; an up block
+    takes the stage below's output if it is the first, and the skip of the previous stage's last
+    down block (its downsampler) if it is the last. Teacher and student agree on the channels.
+    """
+    teacher = list(channels) + [channels[-1]] * (TEACHER_STAGES - len(channels))
+    before, below, skip = _stage_inputs(teacher[:stages], stages, stage)
+    t_before, t_below, t_skip = _stage_inputs(teacher, TEACHER_STAGES, stage)
+    own = teacher[stage]
+    if side == "down":
+        return (before if slot == 0 else own) == (t_before if source == 0 else own)
+    student = (below if slot == 0 else own) + (skip if slot == slots - 1 else own)
+    return student == (t_below if source == 0 else own) + (t_skip if source == TEACHER_PAIRS else own)
+
+
+def validate(layout: Layout, spec: str | None = None, channels=BLOCK_OUT_CHANNELS) -> Layout:
+    """`layout` if a teacher with `channels` can fill every kept block of it, else a BKSDMError."""
+    spec = spec if spec is not None else layout.name
+    if len(layout.down) not in (TEACHER_STAGES - 1, TEACHER_STAGES):
+        raise _spec_error(spec, f"down lists {len(layout.down)} stages; SD has 4 (3 without the innermost)")
+    if not all(1 <= n <= TEACHER_PAIRS for n in layout.down):
+        raise _spec_error(spec, "each down stage keeps 1 or 2 R-A pairs")
+    if len(layout.down_from) != layout.stages or len(layout.up_from) != layout.stages:
+        raise _spec_error(spec, f"down_from and up_from need {layout.stages} stages, like down")
+    if layout.mid_block and channels[layout.stages - 1] != channels[-1]:
+        raise _spec_error(spec, "the mid block does not fit the channels of the innermost kept stage")
+    for stage, (n, sources, ups) in enumerate(zip(layout.down, layout.down_from, layout.up_from)):
+        for side, kept, slots, top in (("down", sources, n, TEACHER_PAIRS - 1), ("up", ups, n + 1, TEACHER_PAIRS)):
+            if len(kept) != slots:
+                raise _spec_error(spec, f"stage {stage} keeps {n} down pairs, so {side}_from needs {slots} "
+                                  f"{side} blocks there, not {len(kept)}")
+            if list(kept) != sorted(set(kept)) or max(kept) > top:
+                raise _spec_error(spec, f"{side}_from of stage {stage} must list distinct teacher blocks 0-{top} "
+                                  "in order")
+            for slot, source in enumerate(kept):
+                if not slot_fits(channels, layout.stages, stage, side, slot, slots, source):
+                    raise _spec_error(spec, f"teacher {side} block {source} of stage {stage} has other "
+                                      f"channels than {side} block {slot} of {slots} there (skip connections pin it)")
+    return layout
+
+
+def from_architecture(down: tuple[int, ...], mid_block: bool) -> Layout:
+    """The layout with these shapes and the default provenance (detection from shapes alone)."""
+    return parse_spec(f"down={','.join(map(str, down))} mid={'yes' if mid_block else 'no'}")
+
+
+def slug(layout: Layout | str) -> str:
+    """A file-name part for a layout: its name for a table layout, 'custom-<hash of the spec>' otherwise
+    (a spec is never used as a path)."""
+    lay = get_layout(layout)
+    return lay.name if lay.is_named else "custom-" + hashlib.sha1(lay.name.encode()).hexdigest()[:10]
+
+
+def get_layout(name: "str | Layout") -> Layout:
+    """A table layout by name, or the layout a spec describes (`parse_spec`)."""
+    if isinstance(name, Layout):
+        return name
+    if name.lower() in LAYOUTS:
         return LAYOUTS[name.lower()]
-    except KeyError:
-        raise BKSDMError(f"Unknown layout {name!r}: choose one of {', '.join(LAYOUTS)}.") from None
+    if "=" in name:
+        return _cached_spec(name)
+    raise BKSDMError(f"Unknown layout {name!r}: choose one of {', '.join(LAYOUTS)}, or give a spec of what "
+                     "is kept, e.g. 'down=2,1,1,2 mid=no'.")
+
+
+@lru_cache(maxsize=256)
+def _cached_spec(spec: str) -> Layout:
+    return parse_spec(spec)
 
 
 def get_version(name: str) -> Version:
@@ -128,15 +314,17 @@ def teacher_unet_config(version: Version | str) -> dict:
 
 def student_unet_config(teacher_config: dict, layout: Layout | str) -> dict:
     """The diffusers config of `layout` built from any SD teacher config (other keys are kept)."""
-    lay = get_layout(layout) if isinstance(layout, str) else layout
+    lay = get_layout(layout)
     config = {k: copy.deepcopy(v) for k, v in teacher_config.items() if not k.startswith("_")}
     teacher_stages = len(config["down_block_types"])
-    if config.get("layers_per_block") != TEACHER.layers_per_block or teacher_stages != TEACHER.stages:
+    if config.get("layers_per_block") != TEACHER_PAIRS or teacher_stages != TEACHER_STAGES:
         raise BKSDMError(
             "The teacher is not a standard SD-v1/v2 U-Net (layers_per_block 2, 4 stages): "
             "build students from an SD-1.x or SD-2.x model."
         )
-    config["layers_per_block"] = lay.layers_per_block
+    validate(lay, channels=tuple(config["block_out_channels"]))
+    per_block = lay.layers_per_block
+    config["layers_per_block"] = per_block if isinstance(per_block, int) else list(per_block)
     if not lay.mid_block:
         config["mid_block_type"] = None
     dropped = teacher_stages - lay.stages  # innermost stages: last down block, first up block
@@ -221,10 +409,9 @@ def _module_pairs(layout: Layout) -> Iterator[tuple[str, str, str]]:
     yield "time_embedding.linear_2", "time_embed.2", "plain"
     yield "conv_norm_out", "out.0", "plain"
     yield "conv_out", "out.2", "plain"
-    per_down, per_up = layout.layers_per_block, layout.layers_per_block + 1
     index = 1
     for stage in range(layout.stages):
-        for j in range(per_down):
+        for j in range(layout.down[stage]):
             yield f"down_blocks.{stage}.resnets.{j}", f"input_blocks.{index}.0", "resnet"
             if layout.has_attention(stage):
                 yield f"down_blocks.{stage}.attentions.{j}", f"input_blocks.{index}.1", "attention"
@@ -239,6 +426,7 @@ def _module_pairs(layout: Layout) -> Iterator[tuple[str, str, str]]:
     index = 0
     for up in range(layout.stages):
         stage = layout.stages - 1 - up  # up_blocks.0 is the innermost stage
+        per_up = layout.down[stage] + 1
         for j in range(per_up):
             yield f"up_blocks.{up}.resnets.{j}", f"output_blocks.{index}.0", "resnet"
             if layout.has_attention(stage):
@@ -278,7 +466,7 @@ def _tables(layout_name: str) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def unet_key_to_ldm(key: str, layout: Layout | str) -> str:
-    name = layout if isinstance(layout, str) else layout.name
+    name = get_layout(layout).name
     new = _rename(key, _tables(name)[0])
     if new is None:
         raise BKSDMError(f"U-Net key {key!r} has no place in the {name} layout.")
@@ -286,7 +474,7 @@ def unet_key_to_ldm(key: str, layout: Layout | str) -> str:
 
 
 def unet_key_to_diffusers(key: str, layout: Layout | str) -> str:
-    name = layout if isinstance(layout, str) else layout.name
+    name = get_layout(layout).name
     new = _rename(key, _tables(name)[1])
     if new is None:
         raise BKSDMError(f"U-Net key {key!r} has no place in the {name} layout.")
@@ -296,28 +484,55 @@ def unet_key_to_diffusers(key: str, layout: Layout | str) -> str:
 # --- teacher -> student -------------------------------------------------------------------------
 
 
+def block_sources(layout: Layout | str) -> tuple[tuple[str, str], ...]:
+    """(student module, teacher module) for every kept R and A block of `layout` (diffusers names).
+
+    The provenance: down stages keep the teacher pairs `down_from` names, up stages the blocks
+    `up_from` names; when the innermost stage is removed, the student's up blocks are numbered one
+    lower than the teacher's they come from.
+    """
+    lay = get_layout(layout)
+    offset = TEACHER_STAGES - lay.stages
+    pairs = []
+    for stage in range(lay.stages):
+        parts = ("resnets", "attentions") if lay.has_attention(stage) else ("resnets",)
+        for j, source in enumerate(lay.down_from[stage]):
+            pairs += [(f"down_blocks.{stage}.{part}.{j}", f"down_blocks.{stage}.{part}.{source}") for part in parts]
+    for up in range(lay.stages):
+        stage = lay.stages - 1 - up
+        parts = ("resnets", "attentions") if lay.has_attention(stage) else ("resnets",)
+        for j, source in enumerate(lay.up_from[stage]):
+            pairs += [(f"up_blocks.{up}.{part}.{j}", f"up_blocks.{up + offset}.{part}.{source}") for part in parts]
+    return tuple(pairs)
+
+
 def block_map(layout: Layout | str) -> tuple[tuple[str, str], ...]:
     """(student module, teacher module) for every module that is renamed when copying weights.
 
-    Each down stage keeps its first R-A pair and each up stage its first and last (BKSDM.md §2);
-    when the innermost stage is removed, the student's up stages take the teacher's outer ones.
-    Modules not listed copy from the same name.
+    Each down stage keeps its first R-A pair and each up stage its first and last (BKSDM.md §2) unless
+    the layout's provenance says otherwise; when the innermost stage is removed, the student's up
+    stages take the teacher's outer ones. Modules not listed copy from the same name.
     """
-    lay = get_layout(layout) if isinstance(layout, str) else layout
-    offset = TEACHER.stages - lay.stages
-    last_teacher = TEACHER.layers_per_block
-    pairs = []
-    for up in range(lay.stages):
-        stage = lay.stages - 1 - up
-        for j in range(lay.layers_per_block + 1):
-            source = j if j < lay.layers_per_block else last_teacher
-            parts = ("resnets", "attentions") if lay.has_attention(stage) else ("resnets",)
-            for part in parts:
-                if (up + offset, source) != (up, j):
-                    pairs.append((f"up_blocks.{up}.{part}.{j}", f"up_blocks.{up + offset}.{part}.{source}"))
-        if offset and stage > 0:
-            pairs.append((f"up_blocks.{up}.upsamplers", f"up_blocks.{up + offset}.upsamplers"))
+    lay = get_layout(layout)
+    offset = TEACHER_STAGES - lay.stages
+    pairs = [(s, t) for s, t in block_sources(lay) if s != t and s.startswith("up_blocks.")]
+    pairs += [(f"up_blocks.{up}.upsamplers", f"up_blocks.{up + offset}.upsamplers")
+              for up in range(lay.stages) if offset and lay.stages - 1 - up > 0]
+    pairs += [(s, t) for s, t in block_sources(lay) if s != t and s.startswith("down_blocks.")]
     return tuple(pairs)
+
+
+def ldm_block_sources(layout: Layout | str) -> tuple[tuple[str, str], ...]:
+    """(student LDM block, teacher LDM block), e.g. ('input_blocks.4', 'input_blocks.5'): where each of
+    the student's input/output blocks sits in SD's numbering (for remapping LoRA and ControlNet)."""
+    lay = get_layout(layout)
+    found: dict[str, str] = {}
+    for student, teacher in block_sources(lay):
+        leaf = ".norm1.weight" if ".resnets." in student else ".proj_in.weight"
+        s = unet_key_to_ldm(student + leaf, lay).split(".")
+        t = unet_key_to_ldm(teacher + leaf, TEACHER).split(".")
+        found.setdefault(".".join(s[:2]), ".".join(t[:2]))
+    return tuple(found.items())
 
 
 def teacher_key(student_key: str, layout: Layout | str) -> str:
@@ -335,8 +550,8 @@ def feature_kd_pairs(layout: Layout | str) -> tuple[tuple[str, str], ...]:
     downsampler the teacher's stage still has, their outputs differ in size, so the last attention's
     `proj_out` is matched instead (Tiny: teacher attentions.1 vs student attentions.0).
     """
-    lay = get_layout(layout) if isinstance(layout, str) else layout
-    offset = TEACHER.stages - lay.stages
+    lay = get_layout(layout)
+    offset = TEACHER_STAGES - lay.stages
     pairs = []
     for stage in range(lay.stages):
         if lay.has_downsampler(stage) == TEACHER.has_downsampler(stage):
@@ -344,8 +559,8 @@ def feature_kd_pairs(layout: Layout | str) -> tuple[tuple[str, str], ...]:
         else:
             pairs.append(
                 (
-                    f"down_blocks.{stage}.attentions.{TEACHER.layers_per_block - 1}.proj_out",
-                    f"down_blocks.{stage}.attentions.{lay.layers_per_block - 1}.proj_out",
+                    f"down_blocks.{stage}.attentions.{TEACHER_PAIRS - 1}.proj_out",
+                    f"down_blocks.{stage}.attentions.{lay.down[stage] - 1}.proj_out",
                 )
             )
     pairs += [(f"up_blocks.{up + offset}", f"up_blocks.{up}") for up in range(lay.stages)]

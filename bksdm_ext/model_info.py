@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import io, layouts
-from .convert import describe_mismatch
+from .convert import describe_mismatch, folder_metadata
 from .convert.checkpoint import TEXT_PREFIX, VAE_PREFIX
 from .detect import UNetDetection, VersionDecision, detect_unet, resolve_version
 from .errors import BKSDMError
@@ -61,13 +61,13 @@ def model_info(path: str | os.PathLike) -> ModelInfo:
     path = Path(path)
     if path.is_dir():
         folder = io.read_diffusers_folder(path)
-        parts, metadata, scheduler = folder.weights, {}, folder.configs.get("scheduler")
+        parts, metadata, scheduler = folder.weights, folder_metadata(folder.configs), folder.configs.get("scheduler")
         unet_tensors = parts["unet"]
         form = "diffusers pipeline folder" if folder.is_pipeline else "diffusers U-Net folder"
     else:
         unet_tensors, metadata = io.read_weights(path)
         parts, scheduler, form = None, None, f"single file, {path.suffix[1:]}"
-    detection = detect_unet(unet_tensors)
+    detection = detect_unet(unet_tensors, metadata)
     parts = parts or _components(unet_tensors, detection)
     try:
         decision, problem = resolve_version(detection, unet_tensors, metadata, scheduler), ""

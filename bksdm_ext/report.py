@@ -32,13 +32,14 @@ def _inputs(version: layouts.Version, latent: int, device="cpu"):
     )
 
 
-def layout_costs(version: str = "v1", latent: int = 64) -> list[LayoutCost]:
+def layout_costs(version: str = "v1", latent: int = 64, extra: list[str] = ()) -> list[LayoutCost]:
+    """Every table layout's cost, then those of `extra` layouts (names or custom specs)."""
     import thop
     from diffusers import UNet2DConditionModel
 
     v = layouts.get_version(version)
     costs = []
-    for name in layouts.LAYOUTS:
+    for name in _layout_names(extra):
         with torch.device("meta"):
             unet = UNet2DConditionModel(**layouts.unet_config(name, v))
         macs, _ = thop.profile(unet, inputs=_inputs(v, latent, "meta"), verbose=False)  # its counters: CPU
@@ -55,15 +56,20 @@ def _remove_thop_buffers(model: torch.nn.Module) -> None:
         module._buffers.pop("total_params", None)
 
 
+def _layout_names(extra) -> list[str]:
+    names = list(layouts.LAYOUTS)
+    return names + [n for n in (layouts.get_layout(e).name for e in extra) if n not in names]
+
+
 def forward_times(version: str = "v1", latent: int = 64, repeats: int = 5, threads: int | None = 2,
-                  unet_configs: dict[str, dict] | None = None) -> dict[str, float]:
+                  extra: list[str] = (), unet_configs: dict[str, dict] | None = None) -> dict[str, float]:
     """Median seconds per U-Net forward (fp32, CPU) of each layout, measured in turns."""
     from diffusers import UNet2DConditionModel
 
     v = layouts.get_version(version)
     if threads:
         torch.set_num_threads(threads)
-    configs = unet_configs or {name: layouts.unet_config(name, v) for name in layouts.LAYOUTS}
+    configs = unet_configs or {name: layouts.unet_config(name, v) for name in _layout_names(extra)}
     unets = {name: UNet2DConditionModel(**config).eval() for name, config in configs.items()}
     cross_dim = next(iter(configs.values()))["cross_attention_dim"]
     x, t, context = _inputs(v, latent)
@@ -81,12 +87,13 @@ def forward_times(version: str = "v1", latent: int = 64, repeats: int = 5, threa
 
 def format_report(costs: list[LayoutCost], times: dict[str, float] | None = None) -> str:
     teacher = next(c for c in costs if c.layout == "teacher")
-    header = f"{'layout':<14}{'U-Net params':>16}{'ratio':>8}{'MACs (G)':>11}{'ratio':>8}"
+    width = max(14, *(len(layouts.get_layout(c.layout).title) + 1 for c in costs))
+    header = f"{'layout':<{width}}{'U-Net params':>16}{'ratio':>8}{'MACs (G)':>11}{'ratio':>8}"
     if times:
         header += f"{'forward (s)':>13}{'time ratio':>12}"
     lines = [header]
     for c in costs:
-        line = (f"{layouts.get_layout(c.layout).title:<14}{c.parameters:>16,}{c.parameters / teacher.parameters:>8.2f}"
+        line = (f"{layouts.get_layout(c.layout).title:<{width}}{c.parameters:>16,}{c.parameters / teacher.parameters:>8.2f}"
                 f"{c.macs / 1e9:>11.1f}{c.macs / teacher.macs:>8.2f}")
         if times:
             line += f"{times[c.layout]:>13.3f}{times[c.layout] / times['teacher']:>12.2f}"

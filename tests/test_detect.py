@@ -67,16 +67,25 @@ def test_key_check_reports_missing_unexpected_and_mismatched_in_the_files_naming
 
 def test_unknown_layout_names_what_was_found_and_what_is_supported(tiny_unets):
     teacher = tiny_unets["teacher", "v1"]
-    no_mid = {k: v for k, v in teacher.items() if not k.startswith("mid_block.")}
+    # a third R-A pair in stage 0: no layout of SD's blocks has one
+    extra = {**teacher, "down_blocks.0.resnets.2.conv1.weight": torch.zeros(32, 32, 3, 3)}
     with pytest.raises(BKSDMError) as error:
-        detect.detect_unet(no_mid)
+        detect.detect_unet(extra)
     message = str(error.value)
-    assert "4 stages with [2, 2, 2, 2] R(+A) blocks per down stage and no middle block" in message
+    assert "4 stages with [3, 2, 2, 2] R(+A) blocks per down stage and a middle block" in message
     assert "small (4 stages, 1 per down stage, no middle block)" in message
+    assert "or a custom layout of SD's blocks" in message
+
+
+def test_mid_removed_and_custom_layouts_are_detected_from_shapes(tiny_unets):
+    teacher = tiny_unets["teacher", "v1"]
+    no_mid = {k: v for k, v in teacher.items() if not k.startswith("mid_block.")}
+    found = detect.detect_unet(no_mid)
+    assert found.layout == "sd-nomid" and found.complete
     ldm = _namings(teacher, "teacher")["ldm"]
-    three = {k: v for k, v in ldm.items() if not k.startswith("input_blocks.2.")}
-    with pytest.raises(BKSDMError, match=r"\[1, 2, 2, 2\] R\(\+A\) blocks per down stage and a middle block"):
-        detect.detect_unet(three)
+    # stage 0 keeps one pair: input_blocks.2 gone, the rest not renumbered, so the key check says so
+    three = detect.detect_unet({k: v for k, v in ldm.items() if not k.startswith("input_blocks.2.")})
+    assert three.layout == "down=1,2,2,2 mid=yes" and not three.complete
 
 
 def test_non_sd_sdxl_and_inpainting_are_named(tiny_unets):

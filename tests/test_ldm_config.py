@@ -25,7 +25,7 @@ def build(unet_config):
 def test_shipped_yamls_are_current():
     for path, text in shipped_configs().items():
         assert path.read_text() == text, f"{path.name} is stale: run python -m bksdm_ext.ldm_config"
-    assert len(shipped_configs()) == 9
+    assert len(shipped_configs()) == 12
 
 
 @pytest.mark.parametrize("version", list(layouts.VERSIONS))

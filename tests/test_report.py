@@ -54,3 +54,24 @@ def test_build_student_command_writes_a_loadable_pipeline(tmp_path, capsys):
 def test_build_student_refuses_a_non_diffusers_folder(tmp_path, capsys):
     assert main(["build-student", "--teacher", str(tmp_path), "--layout", "base", str(tmp_path / "o")]) == 2
     assert "not a diffusers folder" in capsys.readouterr().err
+
+
+def test_report_lists_the_mid_removed_layout_with_the_papers_counts(capsys):
+    # BKSDM.md §6 (App. B): 762,482,884 (v1) and 768,217,284 (v2) U-Net parameters
+    for version, count in (("v1", "762,482,884"), ("v2-base", "768,217,284")):
+        assert main(["report", "--version", version, "--latent", "8"]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("SD without mid-stage"))
+        assert count in line
+
+
+def test_report_counts_a_custom_layout(capsys):
+    spec = "down=2,1,1,2 mid=no"
+    assert main(["report", "--latent", "8", "--layout", spec]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**layouts.unet_config(spec, "v1"))
+    assert line.startswith(f"Custom ({spec})") and f"{sum(p.numel() for p in unet.parameters()):,}" in line
+    assert main(["report", "--layout", "down=5,1,1,1"]) == 2
+    assert "each down stage keeps 1 or 2" in capsys.readouterr().err

@@ -141,3 +141,24 @@ def test_positional_extensions_are_named_when_active():
     p.script_args[2] = {"enabled": True}
     problems = positional_conflicts(SimpleNamespace(hypertile_enable_unet=True), p)
     assert [w.split()[0] for w in problems] == ["Hypertile", "ControlNet", "AnimateDiff"]
+
+
+@pytest.mark.parametrize("spec", ["down=2,1,1,2 mid=no", "down=1,2,1,1 mid=yes", "down=2,2,1 mid=yes",
+                                  "down=1,1,1,1 mid=no down_from=1,0,0,1 up_from=01,02,12,01"])
+def test_custom_layouts_get_a_generated_yaml_that_builds_them(tmp_path, monkeypatch, spec):
+    import importlib
+
+    import yaml
+
+    monkeypatch.setenv("BKSDM_CONFIG_DIR", str(tmp_path))
+    lay = layouts.get_layout(spec)
+    state = checkpoint(lay.name)
+    decision = decide(state, {"bksdm.layout": lay.name})
+    assert decision.layout == lay.name and decision.config.parent == tmp_path
+    assert decision.label() == f"Custom ({lay.name}) (v1)"
+    unet = yaml.safe_load(decision.config.read_text())["model"]["params"]["unet_config"]
+    module, name = unet["target"].rsplit(".", 1)
+    with torch.device("meta"):
+        model = getattr(importlib.import_module(module), name)(**unet["params"])
+    built = {UNET_PREFIX + k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert built == {k: tuple(v.shape) for k, v in state.items() if k.startswith(UNET_PREFIX)}

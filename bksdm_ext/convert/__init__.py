@@ -49,18 +49,27 @@ def _checked(detection: UNetDetection) -> UNetDetection:
     return detection
 
 
+LAYOUT_CONFIG_KEY = "_bksdm_layout"  # in a unet/config.json we write; diffusers ignores "_" keys
+
+
+def folder_metadata(configs: dict) -> dict:
+    """What a diffusers folder records of our metadata: the layout name, in the U-Net config."""
+    layout = configs.get("unet", {}).get(LAYOUT_CONFIG_KEY)
+    return {"bksdm.layout": layout} if layout else {}
+
+
 def load_model(src: str | os.PathLike, version: str | None = None) -> Model:
     """Read a diffusers folder or a single weights file (either key naming) into a `Model`."""
     src = Path(src)
     if src.is_dir():
         folder = io.read_diffusers_folder(src)
-        detection = _checked(detect_unet(folder.weights["unet"]))
+        detection = _checked(detect_unet(folder.weights["unet"], folder_metadata(folder.configs)))
         decision = resolve_version(detection, folder.weights["unet"], scheduler_config=folder.configs.get("scheduler"),
                                    requested=version)
         configs = checkpoint.complete_configs(folder.configs, folder.weights, detection, decision.version)
         return Model(folder.weights, configs, detection, decision, f"diffusers:{src.name}")
     tensors, metadata = io.read_weights(src)
-    detection = _checked(detect_unet(tensors))
+    detection = _checked(detect_unet(tensors, metadata))
     decision = resolve_version(detection, tensors, metadata, requested=version)
     weights, dropped = checkpoint.split_single_file(tensors, detection)
     configs = checkpoint.complete_configs(checkpoint.configs_from_header(metadata), weights, detection,

@@ -172,4 +172,4 @@ def _half_autocast(device, dtype):
 
 
 def _output_name(config: DistillConfig) -> str:
-    return config.output_name or f"bk-sdm-{layouts.get_layout(config.layout).name}"
+    return config.output_name or f"bk-sdm-{layouts.slug(config.layout)}"

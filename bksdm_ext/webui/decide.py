@@ -18,7 +18,7 @@ import torch
 from .. import detect, layouts
 from ..convert import describe_mismatch
 from ..errors import BKSDMError
-from ..ldm_config import config_path
+from ..ldm_config import yaml_for
 
 UNET_PREFIX = "model.diffusion_model."
 # Whole-checkpoint parts the WebUI needs beside the U-Net (LDM names).
@@ -82,12 +82,12 @@ def is_bk_candidate(state_dict) -> bool:
     return not is_sd
 
 
-def check(state_dict) -> detect.UNetDetection | None:
+def check(state_dict, metadata: dict | None = None) -> detect.UNetDetection | None:
     """The detected BK layout of a WebUI checkpoint, None for anything the WebUI loads itself, or a
     BKSDMError saying why the WebUI must not load it. Works on shapes alone (meta tensors)."""
     if not is_bk_candidate(state_dict):
         return None
-    detection = detect.detect_unet(state_dict)
+    detection = detect.detect_unet(state_dict, metadata)
     if detection.layout == "teacher":
         return None
     title = layouts.get_layout(detection.layout).title
@@ -111,11 +111,11 @@ def check(state_dict) -> detect.UNetDetection | None:
 
 def decide(state_dict, metadata: dict | None = None, near_yaml: str | os.PathLike | None = None) -> Decision | None:
     """The BK yaml for a WebUI checkpoint (real tensors: an SD2 file may need a test forward)."""
-    detection = check(state_dict)
+    detection = check(state_dict, metadata)
     if detection is None:
         return None
     version = detect.resolve_version(detection, state_dict, metadata)
-    config = config_path(detection.layout, version.version)
+    config = yaml_for(detection.layout, version.version, near_yaml)
     notes = []
     if near_yaml and Path(near_yaml).is_file() and Path(near_yaml).resolve() != config.resolve():
         if Path(near_yaml).read_text() != config.read_text():

@@ -73,7 +73,7 @@ def preflight(checkpoint_info) -> None:
     if not filename or not filename.lower().endswith(".safetensors"):
         return  # .ckpt files are unpickled by the WebUI itself; find_checkpoint_config checks them
     try:
-        check(header_tensors(filename)[0])
+        check(*header_tensors(filename))
     except BKSDMError as error:
         _refuse(checkpoint_info, error)
 
