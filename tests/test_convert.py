@@ -39,8 +39,11 @@ def test_unet_in_ldm_form_computes_the_same_and_matches_diffusers_converter(layo
     torch.manual_seed(1)
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, config["cross_attention_dim"])
     with torch.no_grad():
-        delta = (unet(x, t, encoder_hidden_states=context).sample - ldm_unet(x, t, context=context)).abs().max()
-    assert delta <= 1e-5
+        ours = unet(x, t, encoder_hidden_states=context).sample
+        delta = (ours - ldm_unet(x, t, context=context)).abs().max()
+    # fp32 rounding of two attention implementations: relative to the output's size (on an AMD EPYC the
+    # v2 Base difference is 1.2e-5 on outputs of 1.67, 7e-6 of them; a wrong weight is off by ~1)
+    assert delta <= 1e-5 * max(1.0, ours.abs().max().item())
     # diffusers' own (one-way) LDM reader agrees with our map, tensor for tensor
     theirs = convert_ldm_unet_checkpoint({checkpoint.UNET_PREFIX + k: v for k, v in ldm_weights.items()}, config)
     assert _equal(theirs, unet.state_dict())
