@@ -180,6 +180,34 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersFolder:
     return folder
 
 
+def load_pretrained(cls, folder: str | Path, **kwargs):
+    """`cls.from_pretrained(folder)` that never unpickles: safetensors weights load as they are (the
+    library is told to use nothing else), and a folder with only `.bin` weights is read through
+    io.read_pickle_weights (torch's `weights_only` loader) into a model built from its config.
+
+    transformers 4.30 calls torch.load on a `.bin` without `weights_only`, and the WebUI's torch 2.0/2.1
+    then runs any code the pickle holds; older diffusers do the same.
+    """
+    folder = Path(folder)
+    file = _weights_file(folder, "diffusion_pytorch_model") or _weights_file(folder, "model")
+    if file is None:
+        raise BKSDMError(f"{folder} has no weights file (model.safetensors or diffusion_pytorch_model.safetensors).")
+    variant = "fp16" if ".fp16." in file.name else None
+    if file.suffix == ".safetensors":
+        return cls.from_pretrained(folder, use_safetensors=True, variant=variant, **kwargs)
+    if hasattr(cls, "config_class"):  # transformers
+        model = cls(cls.config_class.from_pretrained(folder))
+    else:  # diffusers
+        model = cls.from_config(cls.load_config(folder))
+    missing, unexpected = model.load_state_dict(read_pickle_weights(file), strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]  # a buffer some versions do not save
+    if missing:
+        raise BKSDMError(f"{file} lacks {len(missing)} weights of {cls.__name__} (e.g. {missing[0]}): it is not "
+                         f"this model's state dict. Convert the folder to .safetensors and use that.")
+    dtype = kwargs.get("torch_dtype")
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
 # --- disk space ---------------------------------------------------------------------------------
 
 
