@@ -43,7 +43,7 @@ def job_view(runner: Runner, job: Job) -> dict[str, Any]:
         "resumable": bool(job.resumable),
         "progress": {key: progress.get(key) for key in (
             "step", "total_steps", "losses", "samples_per_s", "eta_s", "last_checkpoint", "last_sample", "output",
-            "updated")},
+            "skipped", "updated")},
     }
 
 
