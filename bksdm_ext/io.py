@@ -98,6 +98,8 @@ def read_pickle_weights(path: str | os.PathLike) -> StateDict:
 def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
     """Tensors and metadata of a single weights file, by its suffix."""
     path = Path(path)
+    if not path.exists():
+        raise BKSDMError(f"{path} does not exist.")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
@@ -261,6 +263,54 @@ def require_free_space(path: str | os.PathLike, needed: int, what: str, advice: 
                          f"but only {human_size(free)} is free. {advice}")
     return free
 
+
+# --- names and folders given by the user ------------------------------------------------------
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` if it is a plain file name (or empty: the default); else BKSDMError saying so.
+
+    A name never becomes a path: no separator, not '.' or '..', not absolute, no drive, not hidden
+    (our temporary files start with a dot), no control characters.
+    """
+    if not isinstance(value, str):
+        raise BKSDMError(f"{what} must be a name (text), not {value!r}.")
+    if not value:
+        return value
+    if (value in (".", "..") or any(c in value for c in "/\\:") or value.startswith(".") or value != value.strip()
+            or any(ord(c) < 32 for c in value) or os.path.isabs(value)):
+        raise BKSDMError(f"{what} must be a plain file name (no / \\ or :, not '..', not starting with a dot), "
+                         f"not {value!r}.")
+    return value
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> Path:
+    """Refuse, before any work, a folder that cannot be written: a file in the way, or no permission.
+
+    Nothing is created: where the folder does not exist yet, its nearest existing parent is tried.
+    """
+    path = Path(folder).expanduser()
+    where = existing_parent(path)
+    if not where.is_dir():
+        raise BKSDMError(f"{what} {path} cannot be a folder: {where} is a file. Choose another folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bksdm-write-test-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise BKSDMError(f"{what} {path} is not writable ({error.strerror or error}): choose a folder you can "
+                         "write to, or fix its permissions.") from None
+    return path
+
+
+def make_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Create `folder` (and its parents) once it passed `check_writable`; one line of error otherwise."""
+    path = check_writable(folder, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BKSDMError(f"{what} {path} cannot be created ({error.strerror or error}).") from None
+    return path
 
 # --- atomic writing -----------------------------------------------------------------------------
 

@@ -190,6 +190,10 @@ def check_value(s: Setting, value: Any) -> None:
         raise BKSDMError(f"{s.name} must be a {s.type}, not {value!r}.")
     if s.type == "float" and not math.isfinite(value):
         raise BKSDMError(f"{s.name} must be a finite number, not {value!r}.")
+    if s.kind == "name":
+        from .io import check_name
+
+        check_name(value, s.name)
     if s.choices and value not in s.choices:
         raise BKSDMError(f"{s.name} must be one of {', '.join(map(str, s.choices))}, not {value!r}.")
     if s.type in ("int", "float"):

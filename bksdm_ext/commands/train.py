@@ -45,6 +45,7 @@ def add_commands(sub) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from ..io import make_folder
     from ..train.config import config_class
     from ..train.core import run_job, progress_state
 
@@ -54,7 +55,7 @@ def run_command(args: argparse.Namespace) -> int:
     config = cls.from_dict(settings)
     config.validate()
     job_dir = getattr(args, "job_dir", None) or Path("bksdm-jobs") / f"{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    job_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(job_dir, "--job-dir")
     config.save(job_dir / "config.toml")
     if getattr(args, "write_only", False):
         print(f"Wrote {job_dir / 'config.toml'}; run: python -m bksdm_ext.train {args.kind} --job-dir {job_dir}")

@@ -50,9 +50,18 @@ class ConvertConfig:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise BKSDMError(f"Unknown convert setting(s): {', '.join(unknown)}.")
+        for f in dataclasses.fields(cls):
+            wanted = type(f.default)
+            if f.name in values and not isinstance(values[f.name], wanted):
+                raise BKSDMError(f"Setting {f.name} must be a {wanted.__name__}, not {values[f.name]!r}.")
         return cls(**values)
 
     def validate(self) -> None:
+        from ..io import check_name, check_writable
+
+        check_name(self.name, "name")
+        if self.output_dir:
+            check_writable(self.output_dir, "output_dir")
         if not self.source:
             raise BKSDMError("Set source: a diffusers folder or a .safetensors/.ckpt checkpoint.")
         source = Path(self.source).expanduser()

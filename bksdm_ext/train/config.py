@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import BKSDMError
+from ..io import check_name, check_writable
 
 try:
     import tomllib
@@ -24,6 +25,9 @@ except ModuleNotFoundError:  # Python 3.10, the WebUI's
     import tomli as tomllib
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# ranges beyond "at least 1": a run that could never end, an image no GPU holds
+BOUNDS = {"max_steps": (1, 10**7), "resolution": (64, 2048), "train_batch_size": (1, 4096),
+          "gradient_accumulation_steps": (1, 4096)}
 OPTIMIZERS = ("adamw", "adamw8bit")
 DEFAULT_PROMPTS = (
     "a photo of an astronaut riding a horse on mars",
@@ -155,8 +159,12 @@ class TrainConfig(JobConfig):
         for name, choices in (("mixed_precision", MIXED_PRECISION), ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in choices:
                 raise BKSDMError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}.")
-        if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            raise BKSDMError(f"output_dir {self.output_dir} exists and is not a folder.")
+        for name, (low, high) in BOUNDS.items():
+            if not low <= getattr(self, name) <= high:
+                raise BKSDMError(f"{name} must be between {low:,} and {high:,}, not {getattr(self, name):,}.")
+        check_name(self.output_name, "output_name")
+        if self.output_dir:
+            check_writable(self.output_dir, "output_dir")
 
 
 @dataclass
@@ -314,6 +322,8 @@ def _plain(value):
 
 def _coerce(f: dataclasses.Field, value):
     kind = _type_name(f)
+    if value is None and f.default is not None and not str(f.type).endswith("None"):
+        raise BKSDMError(f"Set {f.name}: it cannot be empty (null).")
     try:
         if value is None or kind == "list":
             return list(value) if isinstance(value, (list, tuple)) else value
