@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,10 @@ def reject_reason(path: Path, min_side: int) -> str | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:  # reads the header only
+        with warnings.catch_warnings():  # Pillow's bomb warning: the check below counts it as a skip instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
+        with image:
             mode, size = image.mode, image.size
             if size[0] * size[1] > max_pixels():
                 return "too many pixels"
