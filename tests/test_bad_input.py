@@ -229,3 +229,30 @@ def test_losses_csv_has_no_duplicate_steps_after_a_rerun_without_checkpoint(tmp_
     with open(job / "losses.csv", newline="") as f:
         steps = [row["step"] for row in csv.DictReader(f)]
     assert steps == ["1", "2", "3"]
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+
+def test_a_finished_job_continued_replaces_its_own_output_and_never_a_foreign_one(tmp_path, tiny_pipeline_v1,
+                                                                                 one_thread):
+    from bksdm_ext.train import distill
+    from bksdm_ext.train.config import DistillConfig
+    from bksdm_ext.train.core import progress_state
+
+    data = write_images(tmp_path / "data", 2)
+    models = tmp_path / "models"
+    settings = dict(teacher=str(tiny_pipeline_v1), data=str(data), output_dir=str(models), output_name="mine")
+    job = tmp_path / "job"
+    assert distill.train(DistillConfig(**settings, **small_settings(max_steps=2, checkpoint_every=2)), job) == "done"
+    first = (models / "mine.safetensors").stat().st_mtime_ns
+    more = DistillConfig(**settings, **small_settings(max_steps=4, checkpoint_every=2))
+    assert distill.train(more, job, resume="latest") == "done"
+    assert progress_state(job)["step"] == 4 and (models / "mine.safetensors").stat().st_mtime_ns != first
+
+    # another job naming the same output is refused before it trains, and the model stays
+    before = (models / "mine.safetensors").read_bytes()
+    with pytest.raises(BKSDMError, match="mine.* already exists"):
+        distill.train(more, tmp_path / "other-job")
+    assert (models / "mine.safetensors").read_bytes() == before
+    assert not (tmp_path / "other-job" / "checkpoints").exists() or not any((tmp_path / "other-job" / "checkpoints").iterdir())

@@ -20,7 +20,7 @@ from .. import layouts
 from .config import DreamBoothConfig
 from .core import Job, apply_speedups, fit, half_dtype, render_samples
 from .data import Batches, CaptionedImages, list_images
-from .export import check_output_free, export_model, model_bytes, output_dir
+from .export import check_output_free, claim_output, export_model, model_bytes, output_dir
 from .losses import diffusion_target, prior_preservation_loss
 from .models import encode_images, encode_prompts, freeze, layout_of, load_parts
 
@@ -258,8 +258,7 @@ def export_lora(job: Job, unet, text_encoder, layout: str, name: str, config: Dr
 
     from ..io import write_safetensors
 
-    out = output_dir(job)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(job, name)
     family = "v2" if unet.config.cross_attention_dim == 1024 else "v1"
     path = write_safetensors(out / f"{name}.safetensors", webui_lora_state_dict(unet, text_encoder, layout, family),
                              {"ss_network_module": "networks.lora", "ss_network_dim": str(config.lora_rank),

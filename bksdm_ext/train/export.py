@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ..convert import convert
-from ..errors import BKSDMError
 from ..io import folder_bytes
+from ..job import Outputs
 from ..pipeline_folder import write_student_folder
 
 
@@ -18,13 +18,28 @@ def output_dir(job) -> Path:
     return Path(job.config.output_dir) if job.config.output_dir else job.job_dir / "output"
 
 
-def check_output_free(job, name: str) -> None:
-    """Refuse, before training, to overwrite a model outside the job folder."""
+def output_paths(job, name: str) -> list[Path]:
+    """Every path a finished model of this job may take (the folder, the WebUI file and yaml, a LoRA's folder)."""
     out = output_dir(job)
-    if job.config.output_dir:
-        taken = [p for p in (out / name, out / f"{name}.safetensors") if p.exists()]
-        if taken:
-            raise BKSDMError(f"{taken[0]} already exists: choose another output_name or output_dir.")
+    return [out / name, out / f"{name}.safetensors", out / f"{name}.yaml", out / f"{name}-diffusers"]
+
+
+def _outputs(job, name: str) -> Outputs:
+    return Outputs(job.job_dir, job.config.output_dir, name)
+
+
+def check_output_free(job, name: str) -> None:
+    """Refuse, before training, an output path that exists and is not this job's own (a foreign model)."""
+    _outputs(job, name).check_free(*output_paths(job, name))
+
+
+def claim_output(job, name: str) -> Path:
+    """Remove this job's own earlier output (a finished job continued for more steps) and record the new one's
+    paths as the job's; a foreign path is refused and nothing is removed. Returns the output folder."""
+    _outputs(job, name).claim(*output_paths(job, name))
+    out = output_dir(job)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def model_bytes(root: Path, *trained: torch.nn.Module) -> int:
@@ -42,13 +57,8 @@ def export_model(job, unet, root: Path, name: str, text_encoder=None) -> Path:
 
     Returns the single-file checkpoint. Weights are written in fp32, whatever the training precision.
     """
-    out = output_dir(job)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(job, name)
     folder, single = out / name, out / f"{name}.safetensors"
-    if not job.config.output_dir:  # the job's own output/ belongs to this job: a rerun replaces it
-        shutil.rmtree(folder, ignore_errors=True)
-        for stale in (single, single.with_suffix(".yaml")):
-            stale.unlink(missing_ok=True)
     write_student_folder(_fp32(unet), folder, root)
     if text_encoder is not None:
         tmp = folder / ".text_encoder.partial"
