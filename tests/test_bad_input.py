@@ -18,11 +18,10 @@ from fastapi import FastAPI
 from jobs_helpers import make_runner, serve
 from train_helpers import one_thread, small_settings, write_images  # noqa: F401 (a fixture)
 
-from bksdm_ext import cli
+from bksdm_ext import cli, kinds
 from bksdm_ext.errors import BKSDMError
 from bksdm_ext.jobs.api import jobs_router
 from bksdm_ext.jobs.guard import AccessGuard
-from bksdm_ext.jobs.kinds import BUILTIN_KINDS
 
 UNWRITABLE = "/proc/bksdm-no-such-folder"  # /proc takes no new files, not even from root (CI and here)
 
@@ -37,7 +36,7 @@ def one_line_error(capsys, argv) -> str:
 
 @pytest.fixture
 def api(tmp_path):
-    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS)
+    runner = make_runner(tmp_path / "data", kinds=kinds.all())
     app = FastAPI()
     app.include_router(jobs_router(runner, AccessGuard()))
     try:
@@ -238,7 +237,7 @@ def test_a_finished_job_continued_replaces_its_own_output_and_never_a_foreign_on
                                                                                  one_thread):
     from bksdm_ext.train import distill
     from bksdm_ext.train.config import DistillConfig
-    from bksdm_ext.train.core import progress_state
+    from bksdm_ext.job import JobFolder
 
     data = write_images(tmp_path / "data", 2)
     models = tmp_path / "models"
@@ -248,7 +247,7 @@ def test_a_finished_job_continued_replaces_its_own_output_and_never_a_foreign_on
     first = (models / "mine.safetensors").stat().st_mtime_ns
     more = DistillConfig(**settings, **small_settings(max_steps=4, checkpoint_every=2))
     assert distill.train(more, job, resume="latest") == "done"
-    assert progress_state(job)["step"] == 4 and (models / "mine.safetensors").stat().st_mtime_ns != first
+    assert JobFolder(job).read_progress().step == 4 and (models / "mine.safetensors").stat().st_mtime_ns != first
 
     # another job naming the same output is refused before it trains, and the model stays
     before = (models / "mine.safetensors").read_bytes()
