@@ -226,7 +226,9 @@ def _type_of(f: dataclasses.Field) -> tuple[str, bool]:
 
 
 def _coerce(f: dataclasses.Field, value):
-    kind, _ = _type_of(f)
+    kind, optional = _type_of(f)
+    if value is None and not (optional or f.default is None):  # JSON's null for a setting that needs a value
+        raise BKSDMError(f"Set {f.name}: it cannot be empty (null).")
     try:
         if value is None:
             return None

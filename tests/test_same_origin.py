@@ -127,11 +127,13 @@ def handshake_status(url: str, host: str) -> int:
         return int(s.recv(1024).split()[1])
 
 
-def launch_data(blocks) -> list:
-    """The count form's values, as the page sends them: the defaults of its inputs, 2 steps."""
+def launch_data(blocks, steps: int = 2) -> list:
+    """The count form's values, as the page sends them: the defaults of its inputs, `steps` steps."""
     dep = blocks.dependencies[fn_index(blocks, "bksdm_launch_count")]
     values = [blocks.blocks[i].value for i in dep["inputs"]]
-    values[0] = 2  # steps
+    names = [blocks.blocks[i].elem_id for i in dep["inputs"]]
+    values[names.index("bksdm_count_steps")] = steps
+    values[names.index("bksdm_count_step_s")] = 0.01
     return values
 
 
@@ -173,7 +175,7 @@ def test_app_refuses_foreign_pages_and_serves_its_own(app_server):
     assert [j.id for j in runner.list()] == [job.id] and Path(job.folder).is_dir()
 
     # the page itself, over the same WebSocket: its Launch makes a job, its Delete deletes
-    launched = press(url, fn_index(blocks, "bksdm_launch_count"), launch_data(blocks), origin=url)
+    launched = press(url, fn_index(blocks, "bksdm_launch_count"), launch_data(blocks, steps=3), origin=url)
     assert "follow it in the Jobs tab" in launched[0] and len(runner.list()) == 2
     deleted = press(url, fn_index(blocks, "bksdm_delete_confirm"), [job.id], origin=url)
     assert f"Deleted {job.id}" in deleted[0] and not Path(job.folder).exists()
@@ -229,7 +231,7 @@ def webui_tab(tmp_path):
 def test_webui_handlers_refuse_foreign_pages(webui_tab):
     runner, handlers, tab = webui_tab
     launch, delete, cancel = handlers["bksdm_launch_count"], handlers["bksdm_delete_confirm"], handlers["bksdm_cancel"]
-    form = [6, 0.01, 2, "count", False, False]
+    form = launch_data(tab)
     foreign = [queued_request(EVIL), queued_request(None, host="attacker.example:7860"),
                queued_request("http://attacker.example:7860", host="attacker.example:7860"), None]
     for request in foreign:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BKSDMError
-from ..io import check_model_source
+from ..io import check_model_source, check_writable
 from ..job import JobFolder, Outputs, Progress
 from ..job_config import JobConfig, setting
 
