@@ -3,11 +3,9 @@ line in the CLI) before any model loads, or a skip that is counted; nothing is w
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
-import os
 import struct
 import zlib
 from pathlib import Path

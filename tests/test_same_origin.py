@@ -8,10 +8,8 @@ so a check that let everything through, or refused everything, fails here.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import socket
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
