@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .noise import quiet_imports
+
+    quiet_imports()
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0

@@ -98,6 +98,8 @@ def read_pickle_weights(path: str | os.PathLike) -> StateDict:
 def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
     """Tensors and metadata of a single weights file, by its suffix."""
     path = Path(path)
+    if not path.exists():
+        raise BKSDMError(f"{path} does not exist.")
     if path.suffix.lower() == ".safetensors":
         return read_safetensors(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -220,6 +222,34 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersFolder:
     return folder
 
 
+def load_pretrained(cls, folder: str | Path, **kwargs):
+    """`cls.from_pretrained(folder)` that never unpickles: safetensors weights load as they are (the
+    library is told to use nothing else), and a folder with only `.bin` weights is read through
+    io.read_pickle_weights (torch's `weights_only` loader) into a model built from its config.
+
+    transformers 4.30 calls torch.load on a `.bin` without `weights_only`, and the WebUI's torch 2.0/2.1
+    then runs any code the pickle holds; older diffusers do the same.
+    """
+    folder = Path(folder)
+    file = _weights_file(folder, "diffusion_pytorch_model") or _weights_file(folder, "model")
+    if file is None:
+        raise BKSDMError(f"{folder} has no weights file (model.safetensors or diffusion_pytorch_model.safetensors).")
+    variant = "fp16" if ".fp16." in file.name else None
+    if file.suffix == ".safetensors":
+        return cls.from_pretrained(folder, use_safetensors=True, variant=variant, **kwargs)
+    if hasattr(cls, "config_class"):  # transformers
+        model = cls(cls.config_class.from_pretrained(folder))
+    else:  # diffusers
+        model = cls.from_config(cls.load_config(folder))
+    missing, unexpected = model.load_state_dict(read_pickle_weights(file), strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]  # a buffer some versions do not save
+    if missing:
+        raise BKSDMError(f"{file} lacks {len(missing)} weights of {cls.__name__} (e.g. {missing[0]}): it is not "
+                         f"this model's state dict. Convert the folder to .safetensors and use that.")
+    dtype = kwargs.get("torch_dtype")
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
 # --- disk space ---------------------------------------------------------------------------------
 
 
@@ -273,6 +303,54 @@ def require_free_space(path: str | os.PathLike, needed: int, what: str, advice: 
                          f"but only {human_size(free)} is free. {advice}")
     return free
 
+
+# --- names and folders given by the user ------------------------------------------------------
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` if it is a plain file name (or empty: the default); else BKSDMError saying so.
+
+    A name never becomes a path: no separator, not '.' or '..', not absolute, no drive, not hidden
+    (our temporary files start with a dot), no control characters.
+    """
+    if not isinstance(value, str):
+        raise BKSDMError(f"{what} must be a name (text), not {value!r}.")
+    if not value:
+        return value
+    if (value in (".", "..") or any(c in value for c in "/\\:") or value.startswith(".") or value != value.strip()
+            or any(ord(c) < 32 for c in value) or os.path.isabs(value)):
+        raise BKSDMError(f"{what} must be a plain file name (no / \\ or :, not '..', not starting with a dot), "
+                         f"not {value!r}.")
+    return value
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> Path:
+    """Refuse, before any work, a folder that cannot be written: a file in the way, or no permission.
+
+    Nothing is created: where the folder does not exist yet, its nearest existing parent is tried.
+    """
+    path = Path(folder).expanduser()
+    where = existing_parent(path)
+    if not where.is_dir():
+        raise BKSDMError(f"{what} {path} cannot be a folder: {where} is a file. Choose another folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bksdm-write-test-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise BKSDMError(f"{what} {path} is not writable ({error.strerror or error}): choose a folder you can "
+                         "write to, or fix its permissions.") from None
+    return path
+
+
+def make_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Create `folder` (and its parents) once it passed `check_writable`; one line of error otherwise."""
+    path = check_writable(folder, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BKSDMError(f"{what} {path} cannot be created ({error.strerror or error}).") from None
+    return path
 
 # --- atomic writing -----------------------------------------------------------------------------
 

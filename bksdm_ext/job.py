@@ -189,6 +189,7 @@ class Progress:
     pid: int | None = None
     output: str | None = None  # the finished model (single file, or folder)
     elapsed_s: float | None = None
+    skipped: dict = field(default_factory=dict)  # unusable dataset items so far, by reason
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Progress":
@@ -232,7 +233,7 @@ class Progress:
 
 _PROGRESS_FIELDS = frozenset(f.name for f in dataclasses.fields(Progress))
 PUBLIC_PROGRESS = ("step", "total_steps", "losses", "samples_per_s", "eta_s", "last_checkpoint", "last_sample",
-                   "output", "updated")
+                   "output", "skipped", "updated")
 
 
 def _fits(f: dataclasses.Field, value: Any) -> bool:

@@ -190,6 +190,10 @@ def check_value(s: Setting, value: Any) -> None:
         raise BKSDMError(f"{s.name} must be a {s.type}, not {value!r}.")
     if s.type == "float" and not math.isfinite(value):
         raise BKSDMError(f"{s.name} must be a finite number, not {value!r}.")
+    if s.kind == "name":
+        from .io import check_name
+
+        check_name(value, s.name)
     if s.choices and value not in s.choices:
         raise BKSDMError(f"{s.name} must be one of {', '.join(map(str, s.choices))}, not {value!r}.")
     if s.type in ("int", "float"):
@@ -222,7 +226,9 @@ def _type_of(f: dataclasses.Field) -> tuple[str, bool]:
 
 
 def _coerce(f: dataclasses.Field, value):
-    kind, _ = _type_of(f)
+    kind, optional = _type_of(f)
+    if value is None and not (optional or f.default is None):  # JSON's null for a setting that needs a value
+        raise BKSDMError(f"Set {f.name}: it cannot be empty (null).")
     try:
         if value is None:
             return None

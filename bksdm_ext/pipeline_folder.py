@@ -25,11 +25,10 @@ def load_unet(path: str | os.PathLike, dtype=None):
     """(UNet2DConditionModel, pipeline root or None) from a diffusers folder, safetensors preferred."""
     from diffusers import UNet2DConditionModel
 
+    from .io import load_pretrained
+
     folder, root = unet_dir(path)
-    variant = "fp16" if not any(folder.glob("diffusion_pytorch_model.safetensors")) and any(
-        folder.glob("diffusion_pytorch_model.fp16.safetensors")) else None
-    unet = UNet2DConditionModel.from_pretrained(folder, variant=variant, torch_dtype=dtype, use_safetensors=None)
-    return unet, root
+    return load_pretrained(UNet2DConditionModel, folder, torch_dtype=dtype), root
 
 
 def load_teacher_unet(source, dtype=None):

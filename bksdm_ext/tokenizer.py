@@ -99,3 +99,10 @@ def save_hub_tokenizer(directory: str | os.PathLike, family: str = "v1") -> Path
         return None
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def fix_max_length(tokenizer, text_encoder_config: dict | None) -> None:
+    """A tokenizer folder without `model_max_length` says 1e30 (transformers' 'unknown'): use the text
+    encoder's position count, as every SD text encoder reads at most that many tokens."""
+    if tokenizer.model_max_length > 1 << 20:
+        tokenizer.model_max_length = int((text_encoder_config or {}).get("max_position_embeddings") or 77)

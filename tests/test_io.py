@@ -94,8 +94,11 @@ def test_plain_checkpoints_load_and_broken_ones_are_clear_errors(tmp_path):
     cut.write_bytes(ckpt.read_bytes()[:200])
     with pytest.raises(BKSDMError, match="not a readable PyTorch checkpoint"):
         io.read_weights(cut)
+    (tmp_path / "notes.txt").write_text("notes")
     with pytest.raises(BKSDMError, match="unknown weights format"):
         io.read_weights(tmp_path / "notes.txt")
+    with pytest.raises(BKSDMError, match="notes.md does not exist"):  # not "unknown format": it is not there
+        io.read_weights(tmp_path / "notes.md")
     with pytest.raises(BKSDMError, match="does not exist"):
         io.read_weights(tmp_path / "missing.safetensors")
 

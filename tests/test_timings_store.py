@@ -74,17 +74,22 @@ def test_corrupted_file_is_moved_aside_and_a_new_store_works(tmp_path, caplog):
     store.close()
 
 
-def test_damaged_pages_are_detected_too(tmp_path):
+def test_damaged_pages_are_detected_and_the_readable_rows_salvaged(tmp_path, caplog):
     path = tmp_path / "timings.sqlite3"
+    records = [make_record(i) for i in range(4000)]
     with TimingStore(path) as store:
-        store.add_many(make_record(i) for i in range(300))
+        store.add_many(records)
         store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     data = bytearray(path.read_bytes())
-    data[4096 * 2:4096 * 3] = b"\xff" * 4096  # overwrite a whole page of the table
+    middle = len(data) // 4096 // 2
+    data[4096 * middle:4096 * (middle + 1)] = b"\xff" * 4096  # overwrite a whole page in the middle of the table
     path.write_bytes(bytes(data))
-    with TimingStore(path) as store:
-        assert store.count() == 0
+    with caplog.at_level("WARNING"), TimingStore(path) as store:
+        kept = store.records()
     assert len([p for p in tmp_path.glob("timings.sqlite3.corrupt-*") if not p.name.endswith(("-wal", "-shm"))]) == 1
+    by_id = {r.record_id: r for r in records}
+    assert 2000 < len(kept) < 4000 and all(by_id[r.record_id] == r for r in kept)
+    assert f"Recovered {len(kept)} readable record(s)" in caplog.text
 
 
 def test_retention_keeps_the_newest_records(tmp_path):

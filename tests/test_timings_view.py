@@ -44,12 +44,38 @@ def test_blocks_build_and_the_refresh_handler_fills_every_output(store_path):
     with gr.Blocks() as demo:
         build_timings_view(lambda: store_path, benchmark, lambda: ["sd-v1-5", "bk-sdm-base-2m"])
     show = next(f for f in demo.fns if f.name == "show")
-    outputs = show.fn(ALL, [], ALL, 0, ALL, ALL, "sd-v1-5")
+    outputs = show.fn(ALL, [], ALL, 0, ALL, ALL, "sd-v1-5", None)
     assert len(outputs) == len(show.outputs) == 9
     assert outputs[-1].startswith("9 of 9 generations")
     run = next(f for f in demo.fns if f.name == "run_benchmark")
-    message, _ = run.fn(["sd-v1-5"], 2, 1, 64, 64, 3, "Euler")
+    message, _ = run.fn(["sd-v1-5"], 2, 1, 64, 64, 3, "Euler", None)
     assert ran == [(["sd-v1-5"], 3)] and "Recorded 0 images" in message
+
+
+def test_a_foreign_page_runs_no_benchmark_and_reads_no_timings(tmp_path):
+    from bksdm_ext.jobs.origin import CrossOrigin
+
+    ran = []
+
+    def refuse(request, action="Showing the timings"):
+        raise CrossOrigin(f"{action} is refused: Origin 'http://evil.example' is another site.")
+
+    def refuse_read(request):
+        try:
+            refuse(request)
+        except CrossOrigin as error:
+            raise gr.Error(str(error)) from None
+
+    with gr.Blocks() as demo:
+        build_timings_view(lambda: tmp_path / "t.sqlite3", lambda names, protocol: ran.append(names) or [],
+                           lambda: ["sd-v1-5"], check=refuse, check_read=refuse_read)
+    fns = {f.name: f.fn for f in demo.fns}
+    message, _ = fns["run_benchmark"](["sd-v1-5"], 2, 1, 64, 64, 3, "Euler", None)
+    assert "Running a benchmark is refused" in message and ran == []
+    for name, args in (("show", (ALL, [], ALL, 0, ALL, ALL, None)), ("export_csv", ())):
+        with pytest.raises(gr.Error, match="refused"):
+            fns[name](*args, None)
+    assert "Importing timings is refused" in fns["import_csv"](str(tmp_path / "x.csv"), None)
 
 
 def test_an_empty_store_builds_typed_plots_without_warnings(tmp_path, recwarn):

@@ -15,6 +15,9 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=7870)
     p.add_argument("--enable-insecure-extension-access", action="store_true",
                    help="allow jobs even when the server is reachable from other machines")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="another origin (scheme://host:port, e.g. of a reverse proxy) whose pages may use this "
+                        "server; only its own pages may by default. Repeat for more")
     p.add_argument("--max-gpu-jobs", type=int, default=1, help="GPU jobs running at once (queue policy)")
     p.set_defaults(run=app_command)
 
@@ -24,6 +27,13 @@ def app_guard(args: argparse.Namespace):
     from ..jobs.guard import AccessGuard
 
     return AccessGuard(server_name=args.host, allow_insecure=args.enable_insecure_extension_access, host_flag="--host")
+
+
+def app_origin(args: argparse.Namespace):
+    """Pages of this server (its --host, and this machine's names when that is every interface) and --allowed-origin."""
+    from ..jobs.origin import OriginPolicy
+
+    return OriginPolicy(bound_host=args.host, allowed_origins=tuple(args.allowed_origin))
 
 
 def app_command(args: argparse.Namespace) -> int:
@@ -39,7 +49,7 @@ def app_command(args: argparse.Namespace) -> int:
         print(f"bksdm app: jobs are refused on this server: {guard.exposure}.")
     print(f"bksdm app: data in {data_dir}; open http://{args.host}:{args.port}/", flush=True)
     try:
-        uvicorn.run(create_app(runner, guard), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(runner, guard, app_origin(args)), host=args.host, port=args.port, log_level="warning")
     finally:
         runner.stop()
     return 0

@@ -19,6 +19,7 @@ def add_commands(sub) -> None:
                    help="the SD version, when it cannot be read from the source (v2-base and v2-768 share shapes)")
     p.add_argument("--tokenizer", type=Path,
                    help="to a diffusers folder: a CLIP tokenizer folder, or a pipeline folder to copy tokenizer/ from")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .safetensors and its .yaml")
     p.set_defaults(run=convert_command)
 
     p = sub.add_parser("inspect", help="layout, version, parameters, dtypes and key check of a model")
@@ -29,7 +30,8 @@ def add_commands(sub) -> None:
 def convert_command(args: argparse.Namespace) -> int:
     from ..convert import convert
 
-    for line in convert(args.src, args.dst, half=args.half, version=args.version, tokenizer=args.tokenizer):
+    for line in convert(args.src, args.dst, half=args.half, version=args.version, tokenizer=args.tokenizer,
+                        overwrite=args.overwrite):
         print(line)
     return 0
 

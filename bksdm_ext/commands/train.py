@@ -62,6 +62,7 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 def run_command(args: argparse.Namespace) -> int:
     from .. import kinds
+    from ..io import make_folder
     from ..job import JobFolder, job_command, run_job
 
     cls = kinds.get(args.kind).config_class()
@@ -70,8 +71,7 @@ def run_command(args: argparse.Namespace) -> int:
     config = cls.from_dict(settings)
     config.validate()
     default = Path("bksdm-jobs") / f"{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder = JobFolder(getattr(args, "job_dir", None) or default)
-    folder.root.mkdir(parents=True, exist_ok=True)
+    folder = JobFolder(make_folder(getattr(args, "job_dir", None) or default, "--job-dir"))
     config.save(folder.config)
     if getattr(args, "write_only", False):
         print(f"Wrote {folder.config}; run: python {' '.join(job_command(args.kind, folder.root, False))}")

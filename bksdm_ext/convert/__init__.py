@@ -167,8 +167,12 @@ def write_folder(model: Model, dst: Path, half: bool = False, tokenizer: Path | 
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False, version: str | None = None,
-            tokenizer: str | os.PathLike | None = None) -> list[str]:
-    """Convert SRC to DST; returns what was done, line by line, for the user."""
+            tokenizer: str | os.PathLike | None = None, overwrite: bool = False) -> list[str]:
+    """Convert SRC to DST; returns what was done, line by line, for the user.
+
+    An existing .safetensors (or the .yaml beside it) is replaced only with `overwrite`; a folder
+    destination must be new or empty (a folder is never removed to make room).
+    """
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise BKSDMError(f"{src} does not exist.")
@@ -176,6 +180,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False, 
         raise BKSDMError(f"{dst}: write a .safetensors file (LDM form) or a folder (diffusers form).")
     if src.resolve() == dst.resolve():
         raise BKSDMError("SRC and DST are the same path.")
+    if dst.suffix:
+        taken = [p for p in (dst, dst.with_suffix(".yaml")) if p.exists()]
+        if any(p.is_dir() for p in taken):
+            raise BKSDMError(f"{next(p for p in taken if p.is_dir())} is a folder: choose another destination.")
+        if taken and not overwrite:
+            raise BKSDMError(f"{' and '.join(map(str, taken))} already exist(s): choose another destination, or "
+                             "pass --overwrite to replace it.")
+    elif dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise BKSDMError(f"{dst} exists and is not an empty folder: choose a new folder for the diffusers form.")
     model = load_model(src, version)
     if tokenizer is None and (src / "tokenizer").is_dir():
         tokenizer = src  # a pipeline folder keeps its own tokenizer

@@ -3,22 +3,26 @@
 GET /jobs, POST /jobs {kind, config, request_id}, GET /jobs/ID, GET /jobs/ID/log, POST /jobs/ID/cancel,
 POST /jobs/ID/resume, POST /jobs/ID/relaunch (a new job from its config.toml), DELETE /jobs/ID.
 
-Reading (list, get) is always allowed; creating, cancelling, resuming and deleting jobs pass the
-access guard. Errors are JSON `{"detail": message}`: 403 refused by the guard, 404 no such job,
-400 anything else the user can fix.
+Every route first passes the same-origin check (origin.py: a foreign Host or Origin is 403) and,
+where the server has logins (the WebUI's --api-auth / --gradio-auth), the login check (401): both run
+before the request body is read. Reading (list, get) is then allowed; creating, cancelling, resuming
+and deleting jobs pass the access guard. Errors are JSON `{"detail": message}`: 401 no login, 403
+refused, 404 no such job, 400 anything else the user can fix.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from fastapi import APIRouter, HTTPException
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from .. import kinds
 from ..errors import BKSDMError
 from .guard import AccessDenied, AccessGuard
+from .origin import OriginPolicy, request_parts
 from .runner import Runner
 from .store import Job, JobNotFound
 
@@ -53,8 +57,31 @@ def http_answer(action: Callable[[], Any]) -> Any:
         raise HTTPException(status_code=400, detail=str(error)) from None
 
 
-def jobs_router(runner: Runner, guard: AccessGuard) -> APIRouter:
-    router = APIRouter(prefix=PREFIX, tags=["BK-SDM jobs"])
+def gated_route(origin: OriginPolicy, logged_in: Callable[[Request], bool] | None) -> type[APIRoute]:
+    """A route class whose requests pass the same-origin check, then the login check, before anything else."""
+
+    class GatedRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def gated(request: Request):
+                reason = origin.refusal(*request_parts(request))
+                if reason:
+                    return JSONResponse({"detail": f"Refused: {reason}."}, status_code=403)
+                if logged_in is not None and not logged_in(request):
+                    return JSONResponse({"detail": "Incorrect username or password"}, status_code=401,
+                                        headers={"WWW-Authenticate": "Basic"})
+                return await handler(request)
+
+            return gated
+
+    return GatedRoute
+
+
+def jobs_router(runner: Runner, guard: AccessGuard, origin: OriginPolicy | None = None,
+                logged_in: Callable[[Request], bool] | None = None) -> APIRouter:
+    """The routes; `origin` defaults to a server on loopback, `logged_in` (None: no logins) checks credentials."""
+    router = APIRouter(prefix=PREFIX, tags=["BK-SDM jobs"], route_class=gated_route(origin or OriginPolicy(), logged_in))
 
     @router.get("/jobs")
     def list_jobs() -> list[dict[str, Any]]:

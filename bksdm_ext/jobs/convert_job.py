@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BKSDMError
-from ..io import check_model_source
+from ..io import check_model_source, check_writable
 from ..job import JobFolder, Outputs, Progress
 from ..job_config import JobConfig, setting
 
@@ -42,6 +42,8 @@ class ConvertConfig(JobConfig):
     def validate(self) -> None:
         super().validate()
         check_model_source(self.source, "source", hub=False)
+        if self.output_dir:
+            check_writable(self.output_dir, "output_dir")
 
     def outputs(self, job_dir: Path) -> Outputs:
         source = Path(self.source).expanduser()

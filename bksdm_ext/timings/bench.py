@@ -84,6 +84,9 @@ def load_pipeline(folder: str | os.PathLike, device: str = "cpu", dtype: torch.d
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from ..io import load_pretrained
+    from ..tokenizer import fix_max_length
+
     unet_folder, root = unet_dir(folder)
     if root is None:
         raise BKSDMError(f"{folder} is a U-Net folder; the benchmark needs a whole pipeline folder "
@@ -92,10 +95,11 @@ def load_pipeline(folder: str | os.PathLike, device: str = "cpu", dtype: torch.d
     device = torch.device(device)
     weights = sorted(unet_folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(
         unet_folder.glob("diffusion_pytorch_model*.bin"))
-    unet = UNet2DConditionModel.from_pretrained(unet_folder, torch_dtype=dtype).to(device).eval()
-    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).to(device).eval()
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device).eval()
+    unet = load_pretrained(UNet2DConditionModel, unet_folder, torch_dtype=dtype).to(device).eval()
+    vae = load_pretrained(AutoencoderKL, root / "vae", torch_dtype=dtype).to(device).eval()
+    text_encoder = load_pretrained(CLIPTextModel, root / "text_encoder", torch_dtype=dtype).to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    fix_max_length(tokenizer, text_encoder.config.to_dict())
     scheduler_config = dict(DDPMScheduler.load_config(root / "scheduler"))
     layout, version = describe_unet(unet, scheduler_config)
     return Pipeline(name=root.name, checkpoint_hash=short_hash(weights[0]) if weights else "",

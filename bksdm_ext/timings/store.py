@@ -3,7 +3,7 @@
 WAL mode lets readers and one writer work at once; `busy_timeout` plus a retry loop make concurrent
 writers (WebUI workers, a benchmark) wait their turn instead of losing rows. A file that is not a
 readable database is moved aside with a timestamp and a fresh one is created, so a damaged file
-never stops a generation.
+never stops a generation; the rows still readable in it are copied into the new one (the log says how many).
 """
 
 from __future__ import annotations
@@ -164,8 +164,11 @@ class TimingStore:
                 return self._prepare(self._connect())
             except sqlite3.DatabaseError:
                 pass
-            self._move_aside(error)
-            return self._prepare(self._connect())
+            aside = self._move_aside(error)
+            db = self._prepare(self._connect())
+            if aside is not None:
+                self._salvage(aside, db)
+            return db
 
     def _prepare(self, db: sqlite3.Connection) -> sqlite3.Connection:
         try:
@@ -181,19 +184,49 @@ class TimingStore:
             raise
         return db
 
-    def _move_aside(self, error: Exception) -> None:
+    def _move_aside(self, error: Exception) -> Path | None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         try:
             os.replace(self.path, aside)
         except FileNotFoundError:  # another process moved it first
-            return
+            return None
         for suffix in ("-wal", "-shm"):
             side = self.path.with_name(self.path.name + suffix)
             if side.exists():
                 os.replace(side, aside.with_name(aside.name + suffix))
         log.warning("Timing database %s was unreadable (%s); moved it to %s and started a new one.",
                     self.path, error, aside)
+        return aside
+
+    def _salvage(self, aside: Path, db: sqlite3.Connection) -> int:
+        """Copy the rows still readable in a damaged file into the new one; says how many.
+
+        A damaged page ends a scan, so the table is read from both ends: the rows before the damage
+        and those after it.
+        """
+        found: dict[str, tuple] = {}  # by record_id
+        columns, key = ", ".join(FIELDS), FIELDS.index("record_id")
+        try:
+            damaged = sqlite3.connect(f"file:{aside}?mode=ro", uri=True)
+        except sqlite3.Error:
+            damaged = None
+        if damaged is not None:
+            try:
+                for order in ("ASC", "DESC"):
+                    try:
+                        for row in damaged.execute(f"SELECT {columns} FROM {TABLE} ORDER BY rowid {order}"):
+                            found.setdefault(row[key], row)
+                    except sqlite3.Error:
+                        continue  # the scan reached the damage: the other direction reads on from the far end
+            finally:
+                damaged.close()
+        if found:
+            sql = f"INSERT OR IGNORE INTO {TABLE} ({columns}) VALUES ({', '.join('?' * len(FIELDS))})"
+            _retry(lambda: db.executemany(sql, list(found.values())))
+        log.warning("Recovered %d readable record(s) from %s into the new timing database %s.", len(found), aside,
+                    self.path)
+        return len(found)
 
     def close(self) -> None:
         self._db.close()

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from .. import layouts
 from ..errors import BKSDMError
-from ..io import check_model_source
+from ..io import check_model_source, check_writable
 from ..job_config import JobConfig, setting
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -98,8 +98,8 @@ class TrainConfig(JobConfig):
         super().validate()  # types, choices and ranges of the settings
         if not (self.learning_rate or 0) > 0 and self.learning_rate is not None:
             raise BKSDMError("learning_rate must be positive.")
-        if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            raise BKSDMError(f"output_dir {self.output_dir} exists and is not a folder.")
+        if self.output_dir:
+            check_writable(self.output_dir, "output_dir")
 
 
 @dataclass

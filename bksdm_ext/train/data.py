@@ -1,8 +1,9 @@
 """Training data: an image folder with metadata.jsonl / metadata.csv (the LAION-Aesthetics layout).
 
 Preprocessing follows the paper: resize the shorter side, crop (center or random), random flip,
-scale to [-1, 1]. Unusable items (missing file or caption, broken, grayscale, tiny) are skipped and
-counted, never fatal; a dataset without one usable item is refused before any model loads.
+scale to [-1, 1]. Unusable items (a file name that is not text or leaves the folder, a missing file
+or caption, a broken or truncated image, one over the decompression-bomb pixel limit, grayscale,
+tiny) are skipped and counted in the log and progress.json, never fatal; a dataset without one usable item is refused before any model loads.
 Augmentation randomness comes from (seed, epoch, index) alone, so a resumed run sees the same data.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +35,17 @@ def read_metadata(folder: str, image_column: str = "file_name", caption_column: 
         raise BKSDMError(f"Data folder {folder!r} does not exist: give a folder with images and metadata.jsonl.")
     rows = _metadata_rows(root)
     meta = Metadata(items=[])
+    inside = root.resolve()
     for row in rows:
         name, caption = row.get(image_column), row.get(caption_column)
-        if not name:
+        if name is None or name == "":
             meta.skipped["no file name"] += 1
+        elif not isinstance(name, str):
+            meta.skipped["file name not text"] += 1
         elif not isinstance(caption, str) or not caption.strip():
             meta.skipped["missing caption"] += 1
+        elif not (root / name).resolve().is_relative_to(inside):
+            meta.skipped["file outside the data folder"] += 1
         elif not (root / name).is_file():
             meta.skipped["missing file"] += 1
         else:
@@ -80,23 +87,41 @@ def list_images(folder: str, name: str, allow_empty: bool = False) -> list[Path]
     if others:
         raise BKSDMError(f"{name} {root} holds files that are not images: {', '.join(others[:5])}. "
                          f"Keep only {', '.join(IMAGE_SUFFIXES)} files there.")
-    broken = [p.name for p in files if reject_reason(p, 1) == "broken image"]
+    broken = [p.name for p in files if reject_reason(p, 1) in ("broken image", "too many pixels")]
     if broken:
-        raise BKSDMError(f"{name}: cannot read these images: {', '.join(broken[:5])}. Replace or remove them.")
+        raise BKSDMError(f"{name}: cannot read these images (broken, truncated or over {max_pixels():,} pixels): "
+                         f"{', '.join(broken[:5])}. Replace or remove them.")
     if not files and not allow_empty:
         raise BKSDMError(f"{name} {root} holds no images.")
     return files
 
 
+def max_pixels() -> int:
+    """The largest image decoded: Pillow's decompression-bomb limit (89 megapixels unless the user set it).
+
+    Pillow only warns below twice that, and a 12000x12000 PNG of a few hundred KB would decode to gigabytes.
+    """
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
 def reject_reason(path: Path, min_side: int) -> str | None:
-    """Why an image cannot be trained on (broken, grayscale, too small), or None if it can."""
+    """Why an image cannot be trained on (broken, too many pixels, grayscale, too small), or None if it can."""
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            image.load()
+        with warnings.catch_warnings():  # Pillow's bomb warning: the check below counts it as a skip instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
+        with image:
             mode, size = image.mode, image.size
-    except Exception:  # PIL raises many types for a broken file
+            if size[0] * size[1] > max_pixels():
+                return "too many pixels"
+            image.load()
+    except Image.DecompressionBombError:  # over twice the limit: Pillow refuses at open
+        return "too many pixels"
+    except Exception:  # PIL raises many types for a broken or truncated file
         return "broken image"
     if mode in ("1", "L", "LA", "I", "I;16", "F"):
         return "grayscale"

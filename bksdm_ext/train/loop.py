@@ -63,7 +63,8 @@ class RunLog:
             return
         with open(self.csv_path, newline="") as f:
             rows = list(csv.reader(f))
-        kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        # a row a kill cut short (no step number) goes too
+        kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
         write_text(self.csv_path, "".join(",".join(r) + "\n" for r in kept))
 
     def close(self):
@@ -183,8 +184,10 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
         job.progress.truncate_losses(step)
         job.progress.update(step=step, last_checkpoint=str(checkpoint), message=f"resumed from {checkpoint.name}")
         job.say(f"Resumed from {checkpoint} at step {step}.")
-    elif resume:
-        job.say("No checkpoint yet: starting from the beginning.")
+    else:  # killed before its first checkpoint: the steps it logged are done again
+        job.progress.truncate_losses(0)
+        if resume:
+            job.say("No checkpoint yet: starting from the beginning.")
     if job.main:
         job.folder.remove_partial_checkpoints()
         job.say(check_disk_space(job.job_dir, config, checkpoint_bytes(params, ema is not None, optimizer), step,
@@ -242,7 +245,7 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
             rate = seen * acc.num_processes / elapsed
             eta = elapsed / (step - start_step) * (config.max_steps - step)
             job.progress.log_losses(step, losses, rate)
-            job.progress.update(step=step, losses=losses, samples_per_s=rate, eta_s=eta)
+            job.progress.update(step=step, losses=losses, samples_per_s=rate, eta_s=eta, skipped=skipped)
             job.say(f"step {step}/{config.max_steps} " + " ".join(f"{k} {v:.4g}" for k, v in losses.items())
                     + f" | {rate:.3g} samples/s" + (f" | skipped {skipped}" if skipped else ""))
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from ..errors import BKSDMError
+from ..io import load_pretrained
+from ..tokenizer import fix_max_length
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTLESS = ("tokenizer", "scheduler")
 
 
 def load_parts(source: str, parts=PARTS) -> dict:
@@ -26,9 +30,13 @@ def load_parts(source: str, parts=PARTS) -> dict:
             from huggingface_hub import snapshot_download
 
             root = Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
-        loaded = {name: loaders[name].from_pretrained(root, subfolder=name) for name in parts}
+        loaded = {name: loaders[name].from_pretrained(root, subfolder=name) if name in WEIGHTLESS
+                  else load_pretrained(loaders[name], root / name) for name in parts}
     except (OSError, ValueError) as error:
         raise BKSDMError(f"Cannot load the model parts from {source}: {error}") from None
+    if "tokenizer" in loaded:
+        config = root / "text_encoder" / "config.json"
+        fix_max_length(loaded["tokenizer"], json.loads(config.read_text()) if config.is_file() else None)
     loaded["root"] = root
     return loaded
 

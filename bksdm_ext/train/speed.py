@@ -20,13 +20,11 @@ def make_optimizer(params, config, device: torch.device):
                   betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
     if config.optimizer == "adamw8bit":
-        # its CPU backend warns at import that a 4-bit matmul kernel (a hub download) is missing: the
-        # 8-bit optimiser never uses it, and a job's log should not say "Failed"
-        cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        # its CPU backend warns at import that a 4-bit matmul kernel is missing (noise.py): the 8-bit
+        # optimiser never uses it, and a job's log should not say "Failed"
+        from ..noise import BITSANDBYTES_CPU, unused_kernel
 
-        def unused_kernel(record: logging.LogRecord) -> bool:  # a logging filter may be a plain callable
-            return "gemm_4bit_forward" not in record.getMessage()
-
+        cpu_ops = logging.getLogger(BITSANDBYTES_CPU)
         cpu_ops.addFilter(unused_kernel)
         try:
             import bitsandbytes as bnb

@@ -25,6 +25,7 @@ from ..job_config import Setting
 from ..kinds import Kind
 from ..jobs.api import job_view
 from ..jobs.guard import AccessGuard
+from ..jobs.origin import OriginPolicy, request_parts
 from ..jobs.runner import Runner
 
 JAVASCRIPT = Path(__file__).resolve().parents[2] / "javascript" / "bksdm.js"
@@ -47,6 +48,28 @@ class TabContext:
     # Form defaults that differ where the tab runs, by kind: e.g. in the WebUI, output_dir = its
     # models/Stable-diffusion folder, so a finished model appears in the checkpoint list.
     form_defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # Which pages may press the buttons: the server's own (its Host and Origin; see jobs/origin.py).
+    origin: OriginPolicy = dataclasses.field(default_factory=OriginPolicy)
+
+    def check(self, request: gr.Request | None, action: str) -> None:
+        """Refuse `action` on a server others can reach, or for a page this server did not serve.
+
+        Every state-changing handler calls this first: through gradio's queue the events arrive over a
+        WebSocket that gradio accepts from any page, and `request` holds that socket's own headers.
+        """
+        self.guard.check(action)
+        self.check_origin(request, action)
+
+    def check_origin(self, request: gr.Request | None, action: str) -> None:
+        self.origin.check(*request_parts(request), action)
+
+    def check_read(self, request: gr.Request | None) -> None:
+        """Reads need no access guard, but only our own page may see them: a foreign page reads every
+        answer it gets over gradio's WebSocket (no CORS there). Refused: an error, not the data."""
+        try:
+            self.check_origin(request, "Showing the jobs")
+        except BKSDMError as error:
+            raise gr.Error(str(error)) from None
 
     def timings_path(self) -> Path:
         return self.timings_store() if self.timings_store else self.runner.data_dir / "timings.sqlite3"
@@ -134,9 +157,9 @@ def _form(context: TabContext, kind: Kind) -> None:
     launch = gr.Button(f"Launch {kind.title.lower()} job", variant="primary", elem_id=f"bksdm_launch_{kind.name}")
     result = gr.HTML(elem_id=f"bksdm_launch_result_{kind.name}")
 
-    def submit(*raw):
+    def submit(request: gr.Request, *raw):
         def act():
-            context.guard.check("Launching a job")
+            context.check(request, "Launching a job")
             asked = time.time()
             job = context.runner.submit(kind.name, form_values(fields, list(raw)))
             if job.created < asked - 1:
@@ -254,7 +277,8 @@ def _jobs(context: TabContext) -> None:
     done_marker = gr.Textbox(visible=False, elem_id="bksdm_done_marker")
     seen = gr.State({})  # what this browser already shows, so unchanged parts are not re-sent
 
-    def update(job_id, shown):
+    def update(job_id, shown, request: gr.Request):
+        context.check_read(request)
         views = [job_view(runner, job) for job in runner.list()]
         ids = [v["id"] for v in views]
         if job_id not in ids:  # nothing chosen yet: the job that is running, else the newest
@@ -281,19 +305,19 @@ def _jobs(context: TabContext) -> None:
     refresh.click(update, inputs=[selected, seen], outputs=views_out)
     selected.input(update, inputs=[selected, seen], outputs=views_out)
 
-    def pick(evt: gr.SelectData, shown):
+    def pick(evt: gr.SelectData, shown, request: gr.Request):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         jobs = runner.list()
-        return update(jobs[row].id if 0 <= row < len(jobs) else None, shown)
+        return update(jobs[row].id if 0 <= row < len(jobs) else None, shown, request)
 
     table.select(pick, inputs=[seen], outputs=views_out)
 
     def act(action: Callable[[str], str], what: str):
-        def run(job_id):
+        def run(job_id, request: gr.Request):
             def inner():
+                context.check(request, what)
                 if not job_id:
                     raise BKSDMError("Select a job first.")
-                context.guard.check(what)
                 return action(job_id)
             return _guarded(inner)
         return run
@@ -336,5 +360,6 @@ def build_tab(context: TabContext) -> gr.Blocks:
                 build_timings_view = None
             if build_timings_view is not None:
                 with gr.Tab("Timings", elem_id="bksdm_tab_timings"):
-                    build_timings_view(context.timings_path, context.benchmark, context.checkpoint_choices)
+                    build_timings_view(context.timings_path, context.benchmark, context.checkpoint_choices,
+                                       check=context.check_origin, check_read=context.check_read)
     return tab

@@ -52,11 +52,15 @@ def view_data(store_path: str | os.PathLike, device: str = ALL, checkpoints: lis
 
 def build_timings_view(store_path_getter: Callable[[], str | os.PathLike],
                        benchmark: Callable[[list[str], Protocol], list] | None = None,
-                       checkpoint_choices: Callable[[], list[str]] | None = None) -> None:
+                       checkpoint_choices: Callable[[], list[str]] | None = None,
+                       check: Callable[[gr.Request | None, str], None] = lambda request, action: None,
+                       check_read: Callable[[gr.Request | None], None] = lambda request: None) -> None:
     """Create the view inside the current gr.Blocks.
 
     benchmark(checkpoints, protocol) runs and records the protocol (the WebUI's own processing in the
     WebUI); checkpoint_choices() lists what can be benchmarked. Without them the action is hidden.
+    `check(request, action)` (raising BKSDMError) and `check_read(request)` refuse events from pages
+    the server did not serve (the tab passes its own; see ui/tab.py).
     """
     initial = view_data(store_path_getter())  # what is recorded so far; Refresh or a filter updates it
     with gr.Row():
@@ -87,7 +91,9 @@ def build_timings_view(store_path_getter: Callable[[], str | os.PathLike],
 
     filters = [device, checkpoints, sampler, steps, size, source, reference]
 
-    def show(device_value, checkpoint_values, sampler_value, steps_value, size_value, source_value, reference_value):
+    def show(device_value, checkpoint_values, sampler_value, steps_value, size_value, source_value, reference_value,
+             request: gr.Request):
+        check_read(request)
         data = view_data(store_path_getter(), device_value, checkpoint_values, sampler_value, steps_value,
                          size_value, source_value, reference_value)
         return (gr.update(choices=[ALL] + data.devices), gr.update(choices=data.checkpoints),
@@ -99,7 +105,8 @@ def build_timings_view(store_path_getter: Callable[[], str | os.PathLike],
     for control in filters:
         control.change(show, filters, outputs)
 
-    def export_csv():
+    def export_csv(request: gr.Request):
+        check_read(request)
         path = Path(tempfile.mkdtemp(prefix="bksdm-timings-")) / "bksdm-timings.csv"
         with TimingStore(store_path_getter()) as store:
             store.export_csv(path)
@@ -107,10 +114,11 @@ def build_timings_view(store_path_getter: Callable[[], str | os.PathLike],
 
     export_button.click(export_csv, [], [export_file])
 
-    def import_csv(upload):
+    def import_csv(upload, request: gr.Request):
         if upload is None:
             return ""
         try:
+            check(request, "Importing timings")
             with TimingStore(store_path_getter()) as store:
                 added = store.import_csv(getattr(upload, "name", upload))
         except BKSDMError as error:
@@ -120,10 +128,10 @@ def build_timings_view(store_path_getter: Callable[[], str | os.PathLike],
     import_file.upload(import_csv, [import_file], [import_message]).then(show, filters, outputs)
 
     if benchmark is not None:
-        _benchmark_controls(benchmark, checkpoint_choices, show, filters, outputs)
+        _benchmark_controls(benchmark, checkpoint_choices, show, filters, outputs, check)
 
 
-def _benchmark_controls(benchmark, checkpoint_choices, show, filters, outputs) -> None:
+def _benchmark_controls(benchmark, checkpoint_choices, show, filters, outputs, check) -> None:
     default = Protocol()
     with gr.Accordion("Benchmark: the paper's protocol (512x512, 20 steps, DPM++ 2M Karras, CFG 7, seed 1234)",
                       open=False):
@@ -140,7 +148,12 @@ def _benchmark_controls(benchmark, checkpoint_choices, show, filters, outputs) -
             run = gr.Button("Run benchmark", variant="primary")
         message = gr.Markdown()
 
-    def run_benchmark(names, images_value, warmup_value, width_value, height_value, steps_value, sampler_value):
+    def run_benchmark(names, images_value, warmup_value, width_value, height_value, steps_value, sampler_value,
+                      request: gr.Request):
+        try:
+            check(request, "Running a benchmark")
+        except BKSDMError as error:
+            return f"**Refused:** {error}", gr.update()
         if not names:
             return "Choose at least one checkpoint.", gr.update()
         protocol = Protocol(images=int(images_value), warmup=int(warmup_value), width=int(width_value),

@@ -19,6 +19,7 @@ SECTION = ("bksdm", "BK-SDM")
 class _Extension:
     runner = None
     guard = None
+    origin = None
     lent = False  # the hand-off unloaded the model and a generation brought it back
 
 
@@ -40,6 +41,27 @@ def _guard():
     if ext.guard is None:
         ext.guard = AccessGuard.from_cmd_opts(shared.cmd_opts)
     return ext.guard
+
+
+def _origin():
+    """The WebUI's own pages: its bound address (and this machine's names under --listen) and its CORS flags."""
+    from ..jobs.origin import OriginPolicy
+
+    if ext.origin is None:
+        ext.origin = OriginPolicy.from_cmd_opts(shared.cmd_opts, _guard().bound_host)
+    return ext.origin
+
+
+def _logins(app):
+    """Who may use our routes when the WebUI has logins: its --api-auth and --gradio-auth users (None: no logins)."""
+    from ..jobs.logins import Logins
+
+    try:
+        from modules.initialize_util import get_gradio_auth_creds  # 1.6+
+        creds = list(get_gradio_auth_creds())
+    except ImportError:
+        creds = []
+    return Logins.of(getattr(shared.cmd_opts, "api_auth", None), creds, lambda: getattr(app, "tokens", None) or {})
 
 
 def _handoff_wanted() -> bool:
@@ -141,8 +163,13 @@ def on_app_started(demo, app) -> None:
     from ..jobs.api import jobs_router
     from .models import routes
 
-    routes(app, _guard())
-    app.include_router(jobs_router(runner(), _guard()))
+    logins = _logins(app)
+    routes(app, _guard(), _origin(), logins)
+    app.include_router(jobs_router(runner(), _guard(), _origin(), logins))
+    # --gradio-allowed-path defaults to the WebUI's data folder, which holds ours: the job store,
+    # configs and logs are never files to serve (the tab's gallery shows gradio's copies of the samples)
+    if demo is not None and hasattr(demo, "blocked_paths"):
+        demo.blocked_paths = [*(demo.blocked_paths or []), str(data_dir().resolve())]
 
 
 def on_ui_tabs():
@@ -153,7 +180,7 @@ def on_ui_tabs():
 
     # finished models land in models/Stable-diffusion/BK-SDM, so the checkpoint list shows them
     outputs = {"output_dir": str(models_dir())}
-    context = TabContext(runner(), _guard(), timings_store=timings.store_path, benchmark=timings.run_benchmark,
+    context = TabContext(runner(), _guard(), origin=_origin(), timings_store=timings.store_path, benchmark=timings.run_benchmark,
                          checkpoint_choices=timings.checkpoint_titles,
                          form_defaults={name: outputs for name, kind in kinds.all().items()
                                         if "output_dir" in {s.name for s in kind.config_class().settings()}})

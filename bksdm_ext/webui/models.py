@@ -88,11 +88,15 @@ class ImportRequest(BaseModel):
     half: bool = True
 
 
-def routes(app, guard) -> None:
-    """/bksdm/v1/model… on the WebUI's FastAPI app."""
-    app.add_api_route("/bksdm/v1/model", lambda: model_report(), methods=["GET"], tags=["BK-SDM"])
-    app.add_api_route("/bksdm/v1/model/verify", lambda: http_answer(verify_loaded_unet), methods=["POST"],
-                      tags=["BK-SDM"])
+def routes(app, guard, origin, logins) -> None:
+    """/bksdm/v1/model… on the WebUI's FastAPI app, behind the same origin and login checks as the jobs API."""
+    from fastapi import APIRouter
+
+    from ..jobs.api import gated_route
+
+    router = APIRouter(tags=["BK-SDM"], route_class=gated_route(origin, logins))
+    router.add_api_route("/bksdm/v1/model", lambda: model_report(), methods=["GET"])
+    router.add_api_route("/bksdm/v1/model/verify", lambda: http_answer(verify_loaded_unet), methods=["POST"])
 
     def import_route(request: ImportRequest):
         def run():
@@ -101,4 +105,5 @@ def routes(app, guard) -> None:
 
         return http_answer(run)
 
-    app.add_api_route("/bksdm/v1/import", import_route, methods=["POST"], tags=["BK-SDM"])
+    router.add_api_route("/bksdm/v1/import", import_route, methods=["POST"])
+    app.include_router(router)

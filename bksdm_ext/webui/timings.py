@@ -318,17 +318,23 @@ class BenchmarkRequest(BaseModel):
 
 
 def routes(app) -> None:
-    """GET /bksdm/v1/timings (the grouped table) and POST /bksdm/v1/timings/benchmark."""
+    """GET /bksdm/v1/timings (the grouped table) and POST /bksdm/v1/timings/benchmark, behind the same
+    origin and login checks as our other routes."""
     from dataclasses import asdict
 
-    from fastapi import HTTPException
+    from fastapi import APIRouter, HTTPException
 
-    @app.get("/bksdm/v1/timings")
+    from ..jobs.api import gated_route
+    from .extension import _logins, _origin
+
+    router = APIRouter(tags=["BK-SDM"], route_class=gated_route(_origin(), _logins(app)))
+
+    @router.get("/bksdm/v1/timings")
     def timings_table(reference: str = "", source: str = ""):
         records = stats.filter_records(open_store().records(), source=source or None)
         return {"records": len(records), "groups": [asdict(row) for row in stats.group(records, reference or None)]}
 
-    @app.post("/bksdm/v1/timings/benchmark")
+    @router.post("/bksdm/v1/timings/benchmark")
     def benchmark(request: BenchmarkRequest):
         protocol = Protocol(images=request.images, warmup=request.warmup, width=request.width, height=request.height,
                             steps=request.steps, sampler=request.sampler, cfg_scale=request.cfg_scale,
@@ -340,3 +346,5 @@ def routes(app) -> None:
         reference = records[0].checkpoint if records else None
         return {"run_id": records[0].run_id if records else "", "records": len(records),
                 "groups": [asdict(row) for row in stats.group(records, reference)]}
+
+    app.include_router(router)
