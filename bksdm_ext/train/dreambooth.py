@@ -20,7 +20,7 @@ from .. import layouts
 from .config import DreamBoothConfig
 from .core import Job, apply_speedups, fit, half_dtype, render_samples
 from .data import Batches, CaptionedImages, list_images
-from .export import check_output_free, export_model, model_bytes, output_dir
+from .export import check_output_free, export_model, model_bytes, output_dir, outputs
 from .losses import diffusion_target, prior_preservation_loss
 from .models import encode_images, encode_prompts, freeze, layout_of, load_parts
 
@@ -265,8 +265,8 @@ def export_lora(job: Job, unet, text_encoder, layout: str, name: str, config: Dr
                              {"ss_network_module": "networks.lora", "ss_network_dim": str(config.lora_rank),
                               "ss_network_alpha": str(config.lora_alpha), "bksdm.layout": layout,
                               "bksdm.base_model": str(config.base_model)})
-    StableDiffusionPipeline.save_lora_weights(
-        out / f"{name}-diffusers", unet_lora_layers=get_peft_model_state_dict(unet),
+    StableDiffusionPipeline.save_lora_weights(  # the job's output/, never the WebUI's models folder
+        outputs(job, name).lora_diffusers, unet_lora_layers=get_peft_model_state_dict(unet),
         text_encoder_lora_layers=get_peft_model_state_dict(text_encoder) if text_encoder is not None else None)
     job.say(f"Wrote {path} (use <lora:{name}:1> on the {layouts.get_layout(layout).title} model it was trained on).")
     return path

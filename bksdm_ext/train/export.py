@@ -1,4 +1,8 @@
-"""A finished job's model: a diffusers folder and, made from it by the converter, the WebUI checkpoint + yaml."""
+"""A finished job's model: a diffusers folder and, made from it by the converter, the WebUI checkpoint + yaml.
+
+Where each goes is `job.Outputs`: the diffusers copy always in the job's output/, never in the WebUI's
+models folder (whose list would show its unet/ and vae/ files as checkpoints).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 from ..convert import convert
 from ..errors import BKSDMError
 from ..io import folder_bytes
+from ..job import Outputs
 from ..pipeline_folder import write_student_folder
 
 
@@ -18,11 +23,14 @@ def output_dir(job) -> Path:
     return Path(job.config.output_dir) if job.config.output_dir else job.job_dir / "output"
 
 
+def outputs(job, name: str) -> Outputs:
+    return Outputs(job.job_dir, job.config.output_dir, name)
+
+
 def check_output_free(job, name: str) -> None:
     """Refuse, before training, to overwrite a model outside the job folder."""
-    out = output_dir(job)
     if job.config.output_dir:
-        taken = [p for p in (out / name, out / f"{name}.safetensors") if p.exists()]
+        taken = [p for p in (outputs(job, name).single,) if p.exists()]
         if taken:
             raise BKSDMError(f"{taken[0]} already exists: choose another output_name or output_dir.")
 
@@ -42,11 +50,12 @@ def export_model(job, unet, root: Path, name: str, text_encoder=None) -> Path:
 
     Returns the single-file checkpoint. Weights are written in fp32, whatever the training precision.
     """
-    out = output_dir(job)
-    out.mkdir(parents=True, exist_ok=True)
-    folder, single = out / name, out / f"{name}.safetensors"
-    if not job.config.output_dir:  # the job's own output/ belongs to this job: a rerun replaces it
-        shutil.rmtree(folder, ignore_errors=True)
+    places = outputs(job, name)
+    folder, single = places.diffusers, places.single
+    for path in (folder.parent, single.parent):
+        path.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # the job's own output/ belongs to this job: a rerun replaces it
+    if not job.config.output_dir:
         for stale in (single, single.with_suffix(".yaml")):
             stale.unlink(missing_ok=True)
     write_student_folder(_fp32(unet), folder, root)
