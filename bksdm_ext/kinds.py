@@ -115,6 +115,7 @@ register(Kind("distill", "Distill", "bksdm_ext.train.config:DistillConfig", "bks
 register(Kind("dreambooth", "DreamBooth", "bksdm_ext.train.config:DreamBoothConfig",
               "bksdm_ext.train.dreambooth:train",
               help="DreamBooth personalisation (full or LoRA) of a BK-SDM or SD model"))
-register(Kind("convert", "Import / Convert", "bksdm_ext.jobs.convert_job:ConvertConfig", "bksdm_ext.jobs.convert_job:run",
+register(Kind("convert", "Import / Convert", "bksdm_ext.jobs.convert_job:ConvertConfig",
+              "bksdm_ext.jobs.convert_job:run",
               gpu=False, help="import a model (diffusers folder or single file) for the WebUI or diffusers"))
 _BUILTIN = frozenset(_KINDS)
