@@ -16,6 +16,7 @@ from functools import lru_cache
 import torch
 
 from . import layouts
+from .errors import BKSDMError
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,11 @@ def layout_costs(version: str = "v1", latent: int = 64) -> list[LayoutCost]:
 @lru_cache(maxsize=None)
 def layout_cost(layout: str, version: str = "v1", latent: int = 64) -> LayoutCost:
     """One layout's U-Net size and MACs; counted once per process (thop takes seconds per U-Net)."""
-    import thop
+    try:
+        import thop
+    except ImportError:
+        raise BKSDMError("Counting MACs needs thop: `pip install thop` (the WebUI's start installs it through "
+                         "this extension's install.py).") from None
     from diffusers import UNet2DConditionModel
 
     v = layouts.get_version(version)
