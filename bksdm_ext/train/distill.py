@@ -1,6 +1,8 @@
 """BK-SDM distillation retraining (BKSDM.md §3): a pruned student learns from its SD teacher.
 
-    loss = λ_task‖target − ε_S‖² + λ_out‖ε_T − ε_S‖² + λ_feat Σ_l‖f_T^l − f_S^l‖²
+    loss = λ_task‖target − ε_S‖² + λ_out‖ε_T − ε_S‖² + λ_feat Σ_l w_l‖f_T^l − f_S^l‖²
+
+(w_l = 1 by default; with feature_kd = "normalised" each stage term is divided by ‖f_T^l‖², LAPTOP-Diff.)
 
 Read `train` top to bottom: data, models, the loss of one micro-batch, the loop (shared with
 DreamBooth, `core.fit`), the output.
@@ -96,6 +98,8 @@ class Distillation:
         if config.compile:
             self.prepared = torch.compile(self.prepared)
         self.weights = (config.lambda_task, config.lambda_out_kd, config.lambda_feat_kd)
+        self.feature_kd = dict(stage_names=self.student_tap.names, normalised=config.feature_kd == "normalised",
+                               stage_weights=[float(w) for w in config.feature_kd_stage_weights])
 
     def loss(self, batch):
         job, timer, device, scheduler = self.job, self.job.timer, self.job.device, self.scheduler
@@ -113,7 +117,7 @@ class Distillation:
         with timer("student"), self.student_tap:
             student_out = self.prepared(noisy, timesteps, text.float()).sample
         return distill_loss(student_out, teacher_out, target, self.student_tap.outputs(), teacher_features,
-                            self.weights)
+                            self.weights, **self.feature_kd)
 
 
 def make_dataset(job: Job, config: DistillConfig, items, parts: dict):
