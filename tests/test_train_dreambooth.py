@@ -118,7 +118,8 @@ def _instance_loss(base: Path, photos: Path, prompt: str, lora: Path | None = No
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from bksdm_ext.train.data import augment, open_rgb
-    from bksdm_ext.train.dreambooth import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora
+    from bksdm_ext.train.dreambooth import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
+    from bksdm_ext.train.lora import add_lora
     from bksdm_ext.train.models import encode_images, encode_prompts
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
@@ -175,7 +176,8 @@ def test_lora_run_lowers_the_instance_loss_and_exports_webui_and_diffusers_files
 
 
 def _lora_unet(layout: str, version: str = "v1", seed: int = 1):
-    from bksdm_ext.train.dreambooth import UNET_LORA_TARGETS, add_lora
+    from bksdm_ext.train.dreambooth import UNET_LORA_TARGETS
+    from bksdm_ext.train.lora import add_lora
 
     unet = tiny_unet(layout, version)
     add_lora(unet, 4, 6.0, UNET_LORA_TARGETS)
@@ -204,7 +206,7 @@ def _webui_apply(model: torch.nn.Module, lora: dict, prefix: str, multiplier: fl
 def test_unet_lora_keys_name_ldm_modules_and_applying_them_matches_peft(layout, one_thread):
     from bksdm_ext.convert.keymaps import unet_to_ldm
     from bksdm_ext.ldm_unet import BKUNetModel
-    from bksdm_ext.train.dreambooth import webui_lora_state_dict
+    from bksdm_ext.train.lora import webui_lora_state_dict
 
     unet = _lora_unet(layout)
     lora = webui_lora_state_dict(unet, None, layout)
@@ -240,7 +242,8 @@ def test_unet_lora_keys_name_ldm_modules_and_applying_them_matches_peft(layout, 
 def test_text_encoder_lora_keys_follow_the_webui_mapping_for_v1_and_v2():
     import open_clip
 
-    from bksdm_ext.train.dreambooth import TEXT_LORA_TARGETS, add_lora, webui_lora_state_dict
+    from bksdm_ext.train.dreambooth import TEXT_LORA_TARGETS
+    from bksdm_ext.train.lora import add_lora, webui_lora_state_dict
 
     text_encoder = tiny_text_encoder("v1")
     add_lora(text_encoder, 4, 17.0, TEXT_LORA_TARGETS)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +102,191 @@ def test_guidance_is_drawn_in_its_range():
     w = lcm.draw_guidance(1000, 3.0, 15.0, torch.Generator().manual_seed(0), "cpu")
     assert 3.0 <= w.min() and w.max() <= 15.0 and w.std() > 3
     assert lcm.draw_guidance(4, 8.0, 8.0, torch.Generator(), "cpu").tolist() == [8.0] * 4
+
+
+# --- the lcm job on tiny models -----------------------------------------------------------------
+
+from bksdm_ext import layouts  # noqa: E402
+from bksdm_ext.errors import BKSDMError  # noqa: E402
+from bksdm_ext.train import core  # noqa: E402
+from bksdm_ext.train.lcm_distill import LcmConfig  # noqa: E402
+from tiny import tiny_unet_config, write_tiny_pipeline  # noqa: E402
+from train_helpers import one_thread, small_settings, write_images  # noqa: E402, F401
+
+
+@pytest.fixture(scope="module")
+def tiny_small_v1(tmp_path_factory):
+    """A tiny BK-SDM-Small pipeline folder: the model made few-step."""
+    return write_tiny_pipeline(tmp_path_factory.mktemp("bk-small"), "small", "v1")
+
+
+def lcm_settings(**overrides):
+    return small_settings(**{"lora_rank": 4, "lora_alpha": 4.0, "sample_prompts": [], **overrides})
+
+
+def _fixed_lcd_loss(model: Path, data: Path, lora: Path | None = None, draws: int = 8) -> float:
+    """LCD loss of the model (with the trained LoRA) against its own frozen teacher at fixed draws."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from bksdm_ext.train.data import augment, open_rgb, read_metadata
+    from bksdm_ext.train.lcm_distill import LORA_TARGETS
+    from bksdm_ext.train.lora import add_lora
+    from bksdm_ext.train.models import encode_images, encode_prompts
+
+    teacher = UNet2DConditionModel.from_pretrained(model / "unet").eval()
+    student = UNet2DConditionModel.from_pretrained(model / "unet").eval()
+    if lora is not None:
+        add_lora(student, 4, 4.0, LORA_TARGETS)
+        weights = load_file(str(lora))
+        set_peft_model_state_dict(student, {k[len("unet."):]: v for k, v in weights.items()})
+    tokenizer, text_encoder = CLIPTokenizer.from_pretrained(model / "tokenizer"), CLIPTextModel.from_pretrained(
+        model / "text_encoder")
+    vae, scheduler = AutoencoderKL.from_pretrained(model / "vae"), DDPMScheduler.from_pretrained(model / "scheduler")
+    items = read_metadata(str(data)).items
+    pixels = torch.stack([augment(open_rgb(p), 64, True, False, None) for p, _ in items])
+    schedule = lcm.Schedule.of(scheduler)
+    generator = torch.Generator().manual_seed(0)
+    total = 0.0
+    with torch.no_grad():
+        latents = encode_images(vae, pixels, sample=False)
+        text = encode_prompts(tokenizer, text_encoder, [c for _, c in items], "cpu")
+        uncond = encode_prompts(tokenizer, text_encoder, [""] * len(items), "cpu")
+        net = lambda unet: (lambda x, t, c: unet(x, t, c).sample)  # noqa: E731
+        for _ in range(draws):
+            noise = torch.randn(latents.shape, generator=generator)
+            index = torch.randint(0, 50, (len(items),), generator=generator)
+            w = lcm.draw_guidance(len(items), 3.0, 15.0, generator, "cpu")
+            loss, _ = lcm.lcd_loss(net(student), net(teacher), net(student), latents, noise, text, uncond, index, w,
+                                   schedule)
+            total += loss.item() / draws
+    return total
+
+
+def test_lora_run_lowers_the_lcd_loss_and_writes_webui_and_diffusers_files(tmp_path, tiny_small_v1, one_thread):
+    from safetensors import safe_open
+
+    from bksdm_ext.train import lcm_distill
+
+    data = write_images(tmp_path / "data", 4)
+    job = tmp_path / "job"
+    config = LcmConfig(model=str(tiny_small_v1), data=str(data),
+                       **lcm_settings(max_steps=40, learning_rate=3e-3, train_batch_size=4))
+    config.validate()
+    assert lcm_distill.train(config, job) == "done"
+    rows = core.read_losses(job)
+    assert len(rows) == 40 and {"total", "mse"} <= set(rows[0])
+    lora = job / "output" / "bk-sdm-small-lcm-lora-diffusers" / "pytorch_lora_weights.safetensors"
+    before = _fixed_lcd_loss(tiny_small_v1, data)
+    after = _fixed_lcd_loss(tiny_small_v1, data, lora)
+    assert after < before * 0.9, (before, after)
+
+    webui = job / "output" / "bk-sdm-small-lcm-lora.safetensors"
+    with safe_open(str(webui), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert json.loads(meta["bksdm.recommended"]) == {"sampler": "LCM", "steps": 4, "steps_range": [2, 8],
+                                                      "cfg_scale": 1.5, "cfg_range": [1.0, 2.0]}
+    assert meta["bksdm.layout"] == "small" and meta["ss_network_dim"] == "4"
+    # linear and convolution layers alike, under LDM names
+    assert "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight" in keys
+    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_ff_net_2.lora_up.weight" in keys
+    assert "LCM" in json.loads(webui.with_suffix(".json").read_text())["description"]
+
+
+def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_small_v1, one_thread):
+    from bksdm_ext.train import lcm_distill
+
+    data = write_images(tmp_path / "data", 5)
+    for mode in ("lora", "full"):
+        base = dict(model=str(tiny_small_v1), data=str(data), mode=mode,
+                    **lcm_settings(max_steps=4, checkpoint_every=2, learning_rate=1e-3, random_flip=True,
+                                   center_crop=False, gradient_accumulation_steps=2))
+        straight, halves = tmp_path / f"straight-{mode}", tmp_path / f"halves-{mode}"
+        lcm_distill.train(LcmConfig(**base), straight)
+        lcm_distill.train(LcmConfig(**{**base, "max_steps": 2}), halves)
+        lcm_distill.train(LcmConfig(**base), halves, resume="latest")
+        a, b = core.read_losses(straight), core.read_losses(halves)
+        assert [r["step"] for r in b] == [1, 2, 3, 4]
+        for row_a, row_b in zip(a, b):
+            assert row_a["total"] == pytest.approx(row_b["total"], abs=1e-6), (mode, row_a["step"])
+        final_a = core.load_checkpoint(core.checkpoint_dirs(straight)[-1])[0]
+        final_b = core.load_checkpoint(core.checkpoint_dirs(halves)[-1])[0]
+        assert set(final_a) == ({"trainable"} if mode == "lora" else {"trainable", "ema"})
+        for group in final_a:
+            for key, tensor in final_a[group].items():
+                assert torch.allclose(tensor, final_b[group][key], atol=1e-6), (mode, key)
+
+
+def test_full_mode_trains_against_its_ema_target_and_exports_a_strictly_loading_checkpoint(tmp_path, tiny_small_v1,
+                                                                                         one_thread):
+    import importlib
+
+    import yaml
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from bksdm_ext.train import lcm_distill
+
+    data = write_images(tmp_path / "data", 2)
+    job = tmp_path / "job"
+    config = LcmConfig(model=str(tiny_small_v1), data=str(data), mode="full", teacher=str(tiny_small_v1),
+                       **lcm_settings(max_steps=3, checkpoint_every=3, learning_rate=1e-3, sample_every=3,
+                                      sample_steps=2, sample_prompts=["a cat"]))
+    assert lcm_distill.train(config, job) == "done"
+    assert (job / "samples" / "step-000003-0.png").is_file()
+    single = job / "output" / "bk-sdm-small-lcm.safetensors"
+    unet_config = yaml.safe_load(single.with_suffix(".yaml").read_text())["model"]["params"]["unet_config"]
+    assert "time_cond_proj_dim" not in str(unet_config)  # the WebUI's LDM U-Net has no w-embedding input
+    module, cls = unet_config["target"].rsplit(".", 1)
+    ldm = getattr(importlib.import_module(module), cls)(**unet_config["params"])
+    prefix = "model.diffusion_model."
+    ldm.load_state_dict({k[len(prefix):]: v for k, v in load_file(str(single)).items() if k.startswith(prefix)},
+                        strict=True)
+    with safe_open(str(single), "pt") as f:
+        assert json.loads(f.metadata()["bksdm.recommended"])["sampler"] == "LCM"
+    # the export is the EMA target, and the diffusers folder samples with LCM by default
+    trained = UNet2DConditionModel.from_pretrained(job / "output" / "bk-sdm-small-lcm", subfolder="unet")
+    ema = core.load_checkpoint(core.checkpoint_dirs(job)[-1])[0]["ema"]
+    for key, tensor in trained.state_dict().items():
+        assert torch.equal(tensor, ema[f"unet.{key}"]), key
+    pipe = StableDiffusionPipeline.from_pretrained(job / "output" / "bk-sdm-small-lcm", safety_checker=None)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+
+
+def test_target_network_is_the_ema_itself(one_thread):
+    from tiny import tiny_unet
+
+    from bksdm_ext.train.lcm_distill import target_network
+
+    student = tiny_unet("small")
+    ema = core.EMA(student.parameters(), 0.5)
+    target = target_network(student, ema)
+    assert not any(p.requires_grad for p in target.parameters())
+    for _ in range(3):  # training moves the student; each EMA update moves the target, nothing is copied
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ema.update()
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 3, 32)
+    with torch.no_grad():
+        out = target(x, t, text).sample
+        with ema.applied():
+            expected = student(x, t, text).sample
+        assert not torch.allclose(student(x, t, text).sample, expected)
+    assert torch.equal(out, expected)
+
+
+def test_bad_settings_are_refused(tmp_path, tiny_small_v1, tiny_pipeline_v1):
+    data = write_images(tmp_path / "data", 1)
+    good = LcmConfig(model=str(tiny_small_v1), data=str(data), **lcm_settings())
+    good.validate()
+    assert good.lr == 1e-4 and LcmConfig(mode="full").lr == 1e-6 and LcmConfig().lora_rank == 64
+    assert (LcmConfig().w_min, LcmConfig().w_max, LcmConfig().solver_steps, LcmConfig().huber_c) == (3, 15, 50, 0.001)
+    for change, message in [(dict(w_min=5.0, w_max=4.0), "w_min <= w_max"), (dict(mode="dora"), "mode must be"),
+                            (dict(model=str(tmp_path / "nope")), "does not exist"), (dict(solver_steps=0), "between"),
+                            (dict(data=str(tmp_path)), "no metadata")]:
+        with pytest.raises(BKSDMError, match=message):
+            LcmConfig(**{**good.to_dict(), **change}).validate()

@@ -32,32 +32,26 @@ def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator
     job = Job(config, job_dir, accelerator)
     acc = job.accelerator
 
-    # data: refused before any model loads if nothing is usable
-    meta = read_metadata(config.data, config.image_column, config.caption_column)
-    probe = [reject_reason(path, config.resolution // 2) for path, _ in meta.items[:64]]
-    if all(probe):
-        raise BKSDMError(f"None of the first {len(probe)} images of {config.data} is usable "
-                         f"({', '.join(sorted(set(probe)))}): check the dataset.")
-    job.say(f"Dataset: {len(meta.items)} pairs" + (f", skipped {dict(meta.skipped)}" if meta.skipped else ""))
+    items = read_pairs(job, config)  # refused before any model loads if nothing is usable
     check_output_free(job, _output_name(config))
 
     # models, and a latent/text cache or images encoded every step (the official way)
     with acc.main_process_first():  # a single-file model is converted once, by the main process
         parts = load_parts(config.teacher)
     run = Distillation(config, job, parts)
-    dataset = make_dataset(job, config, meta.items, parts)
+    dataset = make_dataset(job, config, items, parts)
 
     def make_batches(start: int) -> Batches:
         return Batches(dataset, config.train_batch_size, config.seed, acc.process_index, acc.num_processes, start,
                        config.num_workers)
 
     def render(step, ema):
-        with (ema.applied() if ema else contextlib.nullcontext()), _half_autocast(job.device, run.frozen_dtype):
+        with (ema.applied() if ema else contextlib.nullcontext()), half_autocast(job.device, run.frozen_dtype):
             return render_samples(parts, run.student, config.sample_prompts, job.job_dir / "samples",
                                   f"step-{step:06d}", config.sample_steps, config.resolution, config.seed)
 
     if config.sample_every and acc.is_main_process and not (job.job_dir / "samples" / "teacher-0.png").exists():
-        with _half_autocast(job.device, run.frozen_dtype):
+        with half_autocast(job.device, run.frozen_dtype):
             render_samples(parts, run.teacher, config.sample_prompts, job.job_dir / "samples", "teacher",
                            config.sample_steps, config.resolution, config.seed)
 
@@ -104,7 +98,7 @@ class Distillation:
     def loss(self, batch):
         job, timer, device, scheduler = self.job, self.job.timer, self.job.device, self.scheduler
         with timer("encode"):
-            latents, text = _conditioning(batch, self.parts, device, job.generator)
+            latents, text = conditioning(batch, self.parts, device, job.generator)
         noise = torch.randn(latents.shape, generator=job.generator, device=device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=job.generator, device=device)
@@ -120,7 +114,18 @@ class Distillation:
                             self.weights, **self.feature_kd)
 
 
-def make_dataset(job: Job, config: DistillConfig, items, parts: dict):
+def read_pairs(job: Job, config) -> list:
+    """The (image, caption) pairs of config.data; refused if none of the first images is usable."""
+    meta = read_metadata(config.data, config.image_column, config.caption_column)
+    probe = [reject_reason(path, config.resolution // 2) for path, _ in meta.items[:64]]
+    if all(probe):
+        raise BKSDMError(f"None of the first {len(probe)} images of {config.data} is usable "
+                         f"({', '.join(sorted(set(probe)))}): check the dataset.")
+    job.say(f"Dataset: {len(meta.items)} pairs" + (f", skipped {dict(meta.skipped)}" if meta.skipped else ""))
+    return meta.items
+
+
+def make_dataset(job: Job, config, items, parts: dict):
     """Cached latents and text embeddings (the encoders then leave memory unless samples need them),
     or images and captions encoded at each step."""
     if not config.cache:
@@ -131,7 +136,7 @@ def make_dataset(job: Job, config: DistillConfig, items, parts: dict):
     return dataset
 
 
-def _conditioning(batch, parts, device, generator):
+def conditioning(batch, parts, device, generator):
     """(latents, text embeddings) of a batch: from the cache, or encoded now by the frozen VAE and text encoder."""
     if "latents" in batch:
         return batch["latents"].to(device).float(), batch["text"].to(device)
@@ -141,7 +146,7 @@ def _conditioning(batch, parts, device, generator):
     return latents.clone(), text.clone()
 
 
-def build_cache(job: Job, config: DistillConfig, items, parts):
+def build_cache(job: Job, config, items, parts):
     root = Path(config.cache_dir) if config.cache_dir else latent_cache.default_cache_dir()
     encoder = parts["text_encoder"]
     flipped = config.random_flip
@@ -166,7 +171,7 @@ def build_cache(job: Job, config: DistillConfig, items, parts):
     return cache
 
 
-def _half_autocast(device, dtype):
+def half_autocast(device, dtype):
     """Sampling mixes the trained fp32 U-Net with half-precision frozen parts; autocast reconciles them."""
     if dtype == torch.float32:
         return contextlib.nullcontext()

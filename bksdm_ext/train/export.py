@@ -37,10 +37,11 @@ def model_bytes(root: Path, *trained: torch.nn.Module) -> int:
     return 2 * (kept + sum(4 * p.numel() for m in trained for p in m.parameters()))
 
 
-def export_model(job, unet, root: Path, name: str, text_encoder=None) -> Path:
+def export_model(job, unet, root: Path, name: str, text_encoder=None, metadata: dict[str, str] | None = None) -> Path:
     """Write `name/` (the pipeline at `root` with the trained parts swapped in) and `name.safetensors` + yaml.
 
-    Returns the single-file checkpoint. Weights are written in fp32, whatever the training precision.
+    Returns the single-file checkpoint (with `metadata` in its header). Weights are written in fp32,
+    whatever the training precision.
     """
     out = output_dir(job)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def export_model(job, unet, root: Path, name: str, text_encoder=None) -> Path:
         _fp32(text_encoder).save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(folder / "text_encoder", ignore_errors=True)
         os.replace(tmp, folder / "text_encoder")
-    for line in convert(folder, single):
+    for line in convert(folder, single, extra_metadata=metadata):
         job.say(line)
     return single
 
