@@ -106,11 +106,11 @@ def test_guidance_is_drawn_in_its_range():
 
 # --- the lcm job on tiny models -----------------------------------------------------------------
 
-from bksdm_ext import layouts  # noqa: E402
 from bksdm_ext.errors import BKSDMError  # noqa: E402
-from bksdm_ext.train import core  # noqa: E402
+from bksdm_ext.job import JobFolder  # noqa: E402
+from bksdm_ext.train import checkpoints, speed  # noqa: E402
 from bksdm_ext.train.lcm_distill import LcmConfig  # noqa: E402
-from tiny import tiny_unet_config, write_tiny_pipeline  # noqa: E402
+from tiny import write_tiny_pipeline  # noqa: E402
 from train_helpers import one_thread, small_settings, write_images  # noqa: E402, F401
 
 
@@ -176,7 +176,7 @@ def test_lora_run_lowers_the_lcd_loss_and_writes_webui_and_diffusers_files(tmp_p
                        **lcm_settings(max_steps=30, learning_rate=1e-2, train_batch_size=4))
     config.validate()
     assert lcm_distill.train(config, job) == "done"
-    rows = core.read_losses(job)
+    rows = JobFolder(job).read_losses()
     assert len(rows) == 30 and {"total", "mse"} <= set(rows[0])
     lora = job / "output" / "bk-sdm-small-lcm-lora-diffusers" / "pytorch_lora_weights.safetensors"
     before = _fixed_lcd_loss(tiny_small_v1, data)
@@ -207,12 +207,12 @@ def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_small_v1, one_
         lcm_distill.train(LcmConfig(**base), straight)
         lcm_distill.train(LcmConfig(**{**base, "max_steps": 2}), halves)
         lcm_distill.train(LcmConfig(**base), halves, resume="latest")
-        a, b = core.read_losses(straight), core.read_losses(halves)
+        a, b = JobFolder(straight).read_losses(), JobFolder(halves).read_losses()
         assert [r["step"] for r in b] == [1, 2, 3, 4]
         for row_a, row_b in zip(a, b):
             assert row_a["total"] == pytest.approx(row_b["total"], abs=1e-6), (mode, row_a["step"])
-        final_a = core.load_checkpoint(core.checkpoint_dirs(straight)[-1])[0]
-        final_b = core.load_checkpoint(core.checkpoint_dirs(halves)[-1])[0]
+        final_a = checkpoints.load_checkpoint(JobFolder(straight).complete_checkpoints()[-1])[0]
+        final_b = checkpoints.load_checkpoint(JobFolder(halves).complete_checkpoints()[-1])[0]
         assert set(final_a) == ({"trainable"} if mode == "lora" else {"trainable", "ema"})
         for group in final_a:
             for key, tensor in final_a[group].items():
@@ -249,7 +249,7 @@ def test_full_mode_trains_against_its_ema_target_and_exports_a_strictly_loading_
         assert json.loads(f.metadata()["bksdm.recommended"])["sampler"] == "LCM"
     # the export is the EMA target, and the diffusers folder samples with LCM by default
     trained = UNet2DConditionModel.from_pretrained(job / "output" / "bk-sdm-small-lcm", subfolder="unet")
-    ema = core.load_checkpoint(core.checkpoint_dirs(job)[-1])[0]["ema"]
+    ema = checkpoints.load_checkpoint(JobFolder(job).complete_checkpoints()[-1])[0]["ema"]
     for key, tensor in trained.state_dict().items():
         assert torch.equal(tensor, ema[f"unet.{key}"]), key
     pipe = StableDiffusionPipeline.from_pretrained(job / "output" / "bk-sdm-small-lcm", safety_checker=None)
@@ -262,7 +262,7 @@ def test_target_network_is_the_ema_itself(one_thread):
     from bksdm_ext.train.lcm_distill import target_network
 
     student = tiny_unet("small")
-    ema = core.EMA(student.parameters(), 0.5)
+    ema = speed.EMA(student.parameters(), 0.5)
     target = target_network(student, ema)
     assert not any(p.requires_grad for p in target.parameters())
     for _ in range(3):  # training moves the student; each EMA update moves the target, nothing is copied
@@ -285,8 +285,8 @@ def test_bad_settings_are_refused(tmp_path, tiny_small_v1, tiny_pipeline_v1):
     good.validate()
     assert good.lr == 1e-4 and LcmConfig(mode="full").lr == 1e-6 and LcmConfig().lora_rank == 64
     assert (LcmConfig().w_min, LcmConfig().w_max, LcmConfig().solver_steps, LcmConfig().huber_c) == (3, 15, 50, 0.001)
-    for change, message in [(dict(w_min=5.0, w_max=4.0), "w_min <= w_max"), (dict(mode="dora"), "mode must be"),
-                            (dict(model=str(tmp_path / "nope")), "does not exist"), (dict(solver_steps=0), "between"),
+    for change, message in [(dict(w_min=5.0, w_max=4.0), "w_min <= w_max"), (dict(mode="dora"), "dora"),
+                            (dict(model=str(tmp_path / "nope")), "does not exist"), (dict(solver_steps=0), "at least 1"),
                             (dict(data=str(tmp_path)), "no metadata")]:
         with pytest.raises(BKSDMError, match=message):
             LcmConfig(**{**good.to_dict(), **change}).validate()

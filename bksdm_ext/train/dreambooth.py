@@ -3,7 +3,7 @@
     loss = ‖target − ε(instance)‖² + w_prior ‖target − ε(class)‖²
 
 Read `train` top to bottom: data (instance photos, class images generated once), models (full
-fine-tuning or peft LoRA adapters), the loss of one micro-batch, the loop (`core.fit`), the output
+fine-tuning or peft LoRA adapters), the loss of one micro-batch, the loop (`loop.fit`), the output
 (single-file checkpoint, or a LoRA file in the WebUI's LDM naming plus the diffusers form).
 """
 
@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from .. import layouts
+from ..io import write_image, write_text
 from .config import DreamBoothConfig
-from .core import Job, apply_speedups, fit, half_dtype, render_samples
+from .loop import Job, fit
+from .samples import render_samples
+from .speed import apply_speedups, half_dtype
 from .data import Batches, CaptionedImages, list_images
-from .export import check_output_free, export_model, model_bytes, output_dir
+from .export import check_output_free, export_model, model_bytes, output_dir, outputs
 from .lora import add_lora, write_lora
 from .losses import diffusion_target, prior_preservation_loss
 from .models import encode_images, encode_prompts, freeze, layout_of, load_parts
@@ -44,7 +46,7 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
             f"mode {config.mode}.")
     class_images = []
     if config.prior_preservation:
-        class_dir = Path(config.class_data) if config.class_data else job.job_dir / "class_images"
+        class_dir = Path(config.class_data) if config.class_data else job.folder.class_images
         if acc.is_main_process:
             generate_class_images(job, class_dir, parts)
         acc.wait_for_everyone()
@@ -104,7 +106,7 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
 
     def render(step, ema):
         with _autocast(device, frozen_dtype):
-            return render_samples(parts, unet, config.sample_prompts, job.job_dir / "samples", f"step-{step:06d}",
+            return render_samples(parts, unet, config.sample_prompts, job.folder.samples, f"step-{step:06d}",
                                   config.sample_steps, config.resolution, config.seed)
 
     # the loop
@@ -123,7 +125,7 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
                 out = export_lora(job, unet, text_encoder if train_text else None, layout, name, config)
             else:
                 out = export_model(job, unet, parts["root"], name, text_encoder if train_text else None)
-            job.progress.update(state="done", message=f"Finished: {out}")
+            job.progress.update(state="done", message=f"Finished: {out}", output=str(out))
         acc.wait_for_everyone()
     job.progress.close()
     return outcome
@@ -179,7 +181,7 @@ def generate_class_images(job: Job, folder: Path, parts: dict) -> None:
                                    scheduler=PNDMScheduler.from_config(gen_parts["scheduler"].config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    (folder / ".class_images.json").write_text(json.dumps({
+    write_text(folder / ".class_images.json", json.dumps({
         "prompt": config.class_prompt, "generator": config.class_generator or config.base_model,
         "resolution": config.resolution, "guidance": config.class_guidance, "steps": config.class_steps}))
     index = 0
@@ -190,16 +192,14 @@ def generate_class_images(job: Job, folder: Path, parts: dict) -> None:
             generator = torch.Generator("cpu").manual_seed(config.seed + index)
             image = pipe(config.class_prompt, num_inference_steps=config.class_steps, height=config.resolution,
                          width=config.resolution, guidance_scale=config.class_guidance, generator=generator).images[0]
-            tmp = folder / f".class-{index:05d}.tmp.png"
-            image.save(tmp)
-            os.replace(tmp, folder / f"class-{index:05d}.png")
+            write_image(folder / f"class-{index:05d}.png", image)
             job.progress.update(message=f"generated class image {index + 1}")
     job.say(f"Generated {missing} class images.")
 
 
 def export_lora(job: Job, unet, text_encoder, layout: str, name: str, config: DreamBoothConfig) -> Path:
     """`name.safetensors` for the WebUI (LDM naming) and `name-diffusers/` (diffusers' LoRA file)."""
-    path = write_lora(output_dir(job), name, unet, text_encoder, layout,
+    path = write_lora(outputs(job, name), unet, text_encoder, layout,
                       {"ss_network_dim": str(config.lora_rank), "ss_network_alpha": str(config.lora_alpha),
                        "bksdm.base_model": str(config.base_model)})
     job.say(f"Wrote {path} (use <lora:{name}:1> on the {layouts.get_layout(layout).title} model it was trained on).")

@@ -34,13 +34,17 @@ import torch
 from .. import layouts
 from ..errors import BKSDMError
 from . import lcm
-from .config import TrainConfig, _f, check_model_source
-from .core import EMA, Job, apply_speedups, fit, half_dtype, render_samples
+from ..io import check_model_source
+from ..job_config import setting
+from .config import TrainConfig
 from .data import Batches
 from .distill import conditioning, half_autocast, make_dataset, read_pairs
-from .export import check_output_free, export_model, model_bytes, output_dir
+from .export import check_output_free, export_model, model_bytes, output_dir, outputs
 from .lora import add_lora, write_lora
+from .loop import Job, fit
 from .models import encode_prompts, freeze, layout_of, load_parts
+from .samples import render_samples
+from .speed import EMA, apply_speedups, half_dtype
 
 # diffusers' LCM-LoRA targets: every linear and convolution of the attention and residual blocks
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -56,36 +60,61 @@ class LcmConfig(TrainConfig):
 
     kind: ClassVar[str] = "lcm"
 
-    model: str = _f("", "The model to make few-step: a BK-SDM or SD-1/2 diffusers folder or single-file checkpoint.")
-    teacher: str = _f("", "The teacher whose guided ODE the student learns: empty = the model itself (EdgeFusion); "
-                          "or a bigger one of the same family (its SD, any checkpoint sharing its VAE and text "
-                          "encoder).")
-    data: str = _f("", "Image folder with metadata.jsonl or metadata.csv (file_name, text), as for distillation.")
-    caption_column: str = _f("text", "Caption column of the metadata.")
-    image_column: str = _f("file_name", "Image file column of the metadata.")
-    mode: str = _f("lora", "lora: LCM-LoRA adapters (rank 64); full: all U-Net weights, with an EMA target "
-                           "network. Both outputs load in the WebUI.", MODES)
-    lora_rank: int = _f(64, "LoRA rank (diffusers' LCM-LoRA: 64).")
-    lora_alpha: float = _f(64.0, "LoRA alpha (= rank: no extra scaling).")
-    w_min: float = _f(3.0, "Smallest guidance scale w of the teacher (LCM form: cond + w (cond - uncond)).")
-    w_max: float = _f(15.0, "Largest guidance scale w of the teacher.")
-    solver_steps: int = _f(50, "Timesteps of the skipping-step DDIM solver (of the 1,000 training timesteps).")
-    huber_c: float = _f(0.001, "c of the pseudo-Huber loss sqrt(d^2 + c^2) - c.")
-    timestep_scaling: float = _f(10.0, "Timestep scaling of the boundary conditions c_skip, c_out (LCMScheduler's).")
-    target_ema_decay: float = _f(0.95, "Full mode: EMA decay of the target network (the exported model).")
-    teacher_half: bool = _f(True, "Run the frozen teacher, VAE and text encoder in half precision (bf16 on CPU).")
-    cache: bool = _f(False, "Encode every image and caption once into the latent/text cache shared with "
-                            "distillation (crops are then centred).")
-    cache_dir: str = _f("", "Folder of the latent/text cache (empty = ~/.cache/bksdm/latents).")
+    model: str = setting("", "The model to make few-step: a BK-SDM or SD-1/2 diffusers folder or single-file "
+                             "checkpoint.", label="Model", group="Model", kind="model")
+    teacher: str = setting("", "The teacher whose guided ODE the student learns: empty = the model itself "
+                               "(EdgeFusion); or a bigger one of the same family (its SD, any checkpoint sharing its "
+                               "VAE and text encoder).", label="Teacher (empty = the model)", group="Model",
+                           kind="model")
+    mode: str = setting("lora", "lora: LCM-LoRA adapters (rank 64); full: all U-Net weights, with an EMA target "
+                                "network. Both outputs load in the WebUI.", label="Mode", group="Model",
+                        choices=MODES)
+    data: str = setting("", "Image folder with metadata.jsonl or metadata.csv (file_name, text), as for "
+                            "distillation.", label="Training images", group="Data", kind="folder")
+    caption_column: str = setting("text", "Caption column of the metadata.", label="Caption column", group="Data",
+                                  advanced=True)
+    image_column: str = setting("file_name", "Image file column of the metadata.", label="Image column",
+                                group="Data", advanced=True)
+    lora_rank: int = setting(64, "LoRA rank (diffusers' LCM-LoRA: 64).", label="LoRA rank", group="Recipe", min=1,
+                             max=1024)
+    lora_alpha: float = setting(64.0, "LoRA alpha (= rank: no extra scaling).", label="LoRA alpha", group="Recipe",
+                                min=0.0)
+    w_min: float = setting(3.0, "Smallest guidance scale w of the teacher (LCM form: cond + w (cond - uncond)).",
+                           label="Guidance w min", group="Losses", min=0.0)
+    w_max: float = setting(15.0, "Largest guidance scale w of the teacher.", label="Guidance w max", group="Losses",
+                           min=0.0)
+    solver_steps: int = setting(50, "Timesteps of the skipping-step DDIM solver (of the 1,000 training timesteps).",
+                                label="Solver steps", group="Losses", advanced=True, min=1, max=1000)
+    huber_c: float = setting(0.001, "c of the pseudo-Huber loss sqrt(d^2 + c^2) - c.", label="Huber c",
+                             group="Losses", advanced=True, min=1e-9)
+    timestep_scaling: float = setting(10.0, "Timestep scaling of the boundary conditions c_skip, c_out "
+                                            "(LCMScheduler's).", label="Timestep scaling", group="Losses",
+                                      advanced=True, min=1e-6)
+    target_ema_decay: float = setting(0.95, "Full mode: EMA decay of the target network (the exported model).",
+                                      label="Target EMA decay", group="Recipe", advanced=True, min=0.0, max=1.0)
+    teacher_half: bool = setting(True, "Run the frozen teacher, VAE and text encoder in half precision (bf16 on "
+                                       "CPU).", label="Half-precision teacher", group="Speed & memory")
+    cache: bool = setting(False, "Encode every image and caption once into the latent/text cache shared with "
+                                 "distillation (crops are then centred).", label="Latent cache",
+                          group="Speed & memory")
+    cache_dir: str = setting("", "Folder of the latent/text cache (empty = ~/.cache/bksdm/latents).",
+                             label="Cache folder", group="Speed & memory", advanced=True, kind="folder")
     # diffusers' LCM recipe in place of the distillation one
-    train_batch_size: int = _f(8, "Images per step on each device.")
-    gradient_accumulation_steps: int = _f(1, "Steps whose gradients are summed before one optimiser update.")
-    max_steps: int = _f(1000, "Optimiser updates to train for.")
-    learning_rate: float | None = _f(None, "Learning rate (empty = 1e-4 for LoRA, 1e-6 for full).")
-    checkpoint_every: int = _f(200, "Save a resumable checkpoint every N steps and at the end "
-                                    "(0 = never; cancelling always saves one).")
-    sample_every: int = _f(200, "Render validation images every N steps (0 = never).")
-    sample_steps: int = _f(4, "Steps of the validation images (LCM sampler, no guidance).")
+    train_batch_size: int = setting(8, "Images per step on each device.", label="Batch size", group="Recipe", min=1,
+                                    max=4096)
+    gradient_accumulation_steps: int = setting(1, "Steps whose gradients are summed before one optimiser update.",
+                                               label="Gradient accumulation", group="Recipe", min=1, max=4096)
+    max_steps: int = setting(1000, "Optimiser updates to train for.", label="Steps", group="Recipe", min=1,
+                             max=10**7)
+    learning_rate: float | None = setting(None, "Learning rate (empty = 1e-4 for LoRA, 1e-6 for full).",
+                                          label="Learning rate", group="Recipe", min=0.0, max=1.0)
+    checkpoint_every: int = setting(200, "Save a resumable checkpoint every N steps and at the end "
+                                         "(0 = never; cancelling always saves one).", label="Checkpoint every",
+                                    group="Output", min=0)
+    sample_every: int = setting(200, "Render validation images every N steps (0 = never).", label="Samples every",
+                                group="Output", min=0)
+    sample_steps: int = setting(4, "Steps of the validation images (LCM sampler, no guidance).",
+                                label="Sample steps", group="Output", min=1, max=1000)
 
     @property
     def lr(self) -> float:
@@ -96,9 +125,7 @@ class LcmConfig(TrainConfig):
     def validate(self) -> None:
         from .data import read_metadata
 
-        super().validate()
-        if self.mode not in MODES:
-            raise BKSDMError(f"mode must be 'lora' or 'full', not {self.mode!r}.")
+        super().validate()  # types, choices and ranges of every setting
         check_model_source(self.model, "model")
         unet_config = Path(self.model) / "unet" / "config.json"
         if unet_config.is_file():
@@ -108,12 +135,6 @@ class LcmConfig(TrainConfig):
         read_metadata(self.data, self.image_column, self.caption_column)
         if not 0 <= self.w_min <= self.w_max:
             raise BKSDMError(f"Guidance needs 0 <= w_min <= w_max, not {self.w_min} and {self.w_max}.")
-        if not 1 <= self.solver_steps <= 1000:
-            raise BKSDMError("solver_steps must be between 1 and 1000 (diffusers' recipe: 50).")
-        if self.lora_rank < 1:
-            raise BKSDMError("lora_rank must be at least 1.")
-        if not self.huber_c > 0 or not self.timestep_scaling > 0:
-            raise BKSDMError("huber_c and timestep_scaling must be positive.")
         if not 0 < self.target_ema_decay < 1:
             raise BKSDMError("target_ema_decay must be between 0 and 1.")
 
@@ -138,7 +159,7 @@ def train(config: LcmConfig, job_dir, resume: str | None = None, accelerator=Non
 
     def render(step, ema):
         with (ema.applied() if ema else contextlib.nullcontext()), half_autocast(job.device, run.frozen_dtype):
-            return render_samples(parts, run.student, config.sample_prompts, job.job_dir / "samples",
+            return render_samples(parts, run.student, config.sample_prompts, job.folder.samples,
                                   f"step-{step:06d}", config.sample_steps, config.resolution, config.seed,
                                   sampler="LCMScheduler", guidance_scale=1.0)
 
@@ -150,7 +171,7 @@ def train(config: LcmConfig, job_dir, resume: str | None = None, accelerator=Non
     if outcome == "done":
         if acc.is_main_process:
             out = export(job, run, layout, name, ema)
-            job.progress.update(state="done", message=f"Finished: {out}")
+            job.progress.update(state="done", message=f"Finished: {out}", output=str(out))
         acc.wait_for_everyone()
     job.progress.close()
     return outcome
@@ -252,16 +273,15 @@ def export(job: Job, run: Consistency, layout: str, name: str, ema: EMA | None) 
     (with an LCM scheduler) and a WebUI checkpoint with its yaml. Both record how to sample them."""
     config = run.config
     recommended = {"bksdm.recommended": json.dumps(RECOMMENDED), "bksdm.lcm_teacher": config.teacher or config.model}
-    out = output_dir(job)
     if config.mode == "lora":
-        path = write_lora(out, name, run.student, None, layout,
+        path = write_lora(outputs(job, name), run.student, None, layout,
                           {"ss_network_dim": str(config.lora_rank), "ss_network_alpha": str(config.lora_alpha),
                            "bksdm.base_model": str(config.model), **recommended})
         use = f"<lora:{name}:1> on the {layouts.get_layout(layout).title} model it was trained on"
     else:
         with ema.applied():
             path = export_model(job, run.student, run.parts["root"], name, metadata=recommended)
-        _use_lcm_scheduler(out / name, run.parts["scheduler"])
+        _use_lcm_scheduler(outputs(job, name).diffusers, run.parts["scheduler"])
         use = "it as a checkpoint"
     _write_user_metadata(path)
     job.say(f"Wrote {path}: use {use}, with the {RECOMMENDED['sampler']} sampler, {RECOMMENDED['steps']} steps "

@@ -65,19 +65,20 @@ def webui_lora_state_dict(unet, text_encoder, layout: str, text_family: str = "v
     return out
 
 
-def write_lora(out: Path, name: str, unet, text_encoder, layout: str, metadata: dict[str, str]) -> Path:
-    """`out/name.safetensors` (the WebUI's LDM naming, kohya-style `ss_*` and `bksdm.*` metadata) and
-    `out/name-diffusers/` (diffusers' LoRA file). Returns the WebUI file."""
+def write_lora(out, unet, text_encoder, layout: str, metadata: dict[str, str]) -> Path:
+    """The LoRA at `out` (a `job.Outputs`): `out.single`, the WebUI's LDM naming with kohya-style `ss_*` and
+    `bksdm.*` metadata, and `out.lora_diffusers` (diffusers' LoRA file). Returns the WebUI file."""
     from diffusers import StableDiffusionPipeline
     from peft import get_peft_model_state_dict
 
     from ..io import write_safetensors
 
-    out.mkdir(parents=True, exist_ok=True)
+    out.claim(out.single, out.lora_diffusers)  # this job's earlier ones go; a foreign one is refused
+    out.dir.mkdir(parents=True, exist_ok=True)
     family = "v2" if unet.config.cross_attention_dim == 1024 else "v1"
-    path = write_safetensors(out / f"{name}.safetensors", webui_lora_state_dict(unet, text_encoder, layout, family),
+    path = write_safetensors(out.single, webui_lora_state_dict(unet, text_encoder, layout, family),
                              {"ss_network_module": "networks.lora", "bksdm.layout": layout, **metadata})
     StableDiffusionPipeline.save_lora_weights(
-        out / f"{name}-diffusers", unet_lora_layers=get_peft_model_state_dict(unet),
+        out.lora_diffusers, unet_lora_layers=get_peft_model_state_dict(unet),
         text_encoder_lora_layers=get_peft_model_state_dict(text_encoder) if text_encoder is not None else None)
     return path
