@@ -16,7 +16,7 @@ from bksdm_ext.job import JobFolder
 from bksdm_ext.train import checkpoints, losses
 from bksdm_ext.train.config import DreamBoothConfig
 from tiny import tiny_text_encoder, tiny_unet, tiny_unet_config, write_tiny_pipeline
-from train_helpers import one_thread, small_settings, write_images  # noqa: F401
+from train_helpers import one_thread, small_settings, webui_apply_lora, write_images  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -190,19 +190,6 @@ def _lora_unet(layout: str, version: str = "v1", seed: int = 1):
     return unet
 
 
-def _webui_apply(model: torch.nn.Module, lora: dict, prefix: str, multiplier: float = 1.0) -> int:
-    """What the WebUI's Lora extension does for a Linear: W += up @ down * alpha / rank * multiplier."""
-    modules = {prefix + name.replace(".", "_"): m for name, m in model.named_modules()}
-    applied = 0
-    for key in {k.split(".")[0] for k in lora}:
-        module = modules[key.replace("lora_unet_", prefix, 1)]
-        down, up = lora[f"{key}.lora_down.weight"], lora[f"{key}.lora_up.weight"]
-        with torch.no_grad():
-            module.weight += up @ down * (lora[f"{key}.alpha"] / down.shape[0]) * multiplier
-        applied += 1
-    return applied
-
-
 @pytest.mark.parametrize("layout", ["base", "small", "tiny"])
 def test_unet_lora_keys_name_ldm_modules_and_applying_them_matches_peft(layout, one_thread):
     from bksdm_ext.convert.keymaps import unet_to_ldm
@@ -228,10 +215,10 @@ def test_unet_lora_keys_name_ldm_modules_and_applying_them_matches_peft(layout, 
     with torch.no_grad():
         plain = ldm_model()(x, t, context)
         patched = ldm_model()
-        assert _webui_apply(patched, lora, "diffusion_model_") == len(keys)
+        assert webui_apply_lora(patched, lora, "diffusion_model_") == len(keys)
         with_lora = patched(x, t, context)
         zero = ldm_model()
-        _webui_apply(zero, {k: (torch.tensor(0.0) if k.endswith(".alpha") else v) for k, v in lora.items()},
+        webui_apply_lora(zero, {k: (torch.tensor(0.0) if k.endswith(".alpha") else v) for k, v in lora.items()},
                      "diffusion_model_")
         at_alpha_zero = zero(x, t, context)
         peft_out = unet(x, t, encoder_hidden_states=context).sample

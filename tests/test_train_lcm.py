@@ -106,6 +106,7 @@ def test_guidance_is_drawn_in_its_range():
 
 # --- the lcm job on tiny models -----------------------------------------------------------------
 
+from bksdm_ext import layouts  # noqa: E402
 from bksdm_ext.errors import BKSDMError  # noqa: E402
 from bksdm_ext.job import JobFolder  # noqa: E402
 from bksdm_ext.train import checkpoints, speed  # noqa: E402
@@ -290,3 +291,50 @@ def test_bad_settings_are_refused(tmp_path, tiny_small_v1, tiny_pipeline_v1):
                             (dict(data=str(tmp_path)), "no metadata")]:
         with pytest.raises(BKSDMError, match=message):
             LcmConfig(**{**good.to_dict(), **change}).validate()
+
+
+@pytest.mark.parametrize("layout", ["small", "tiny"])
+def test_lcm_lora_applied_the_webui_way_gives_the_trained_peft_weights(layout, one_thread):
+    from peft.tuners.lora import LoraLayer
+
+    from bksdm_ext.convert.keymaps import unet_to_ldm
+    from bksdm_ext.ldm_unet import BKUNetModel
+    from bksdm_ext.train.lcm_distill import LORA_TARGETS
+    from bksdm_ext.train.lora import add_lora, webui_lora_state_dict
+    from tiny import tiny_unet, tiny_unet_config
+    from train_helpers import webui_apply_lora
+
+    unet = tiny_unet(layout)
+    add_lora(unet, 4, 8.0, LORA_TARGETS)
+    torch.manual_seed(1)
+    with torch.no_grad():  # as after training: up-projections are no longer zero
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lora = webui_lora_state_dict(unet, None, layout)
+    kinds = {type(m.base_layer).__name__ for m in unet.modules() if isinstance(m, LoraLayer)}
+    assert kinds == {"Linear", "Conv2d"}  # LCM-LoRA adapts convolutions too (3x3 and 1x1)
+
+    base = {k.replace(".base_layer", ""): v.clone() for k, v in unet.state_dict().items() if "lora_" not in k}
+    params = {**layouts.ldm_unet_params_from_config(tiny_unet_config(layout)), "use_checkpoint": False}
+    ldm = BKUNetModel(**params).eval()
+    ldm.load_state_dict(unet_to_ldm(base, layout), strict=True)
+    assert webui_apply_lora(ldm, lora, "diffusion_model_") == len({k.split(".")[0] for k in lora})
+
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        peft_out = unet(x, t, encoder_hidden_states=context).sample
+        for module in unet.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()  # peft's own effective weight W + scaling * B @ A
+    merged = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    effective = unet_to_ldm(merged, layout)
+    patched = ldm.state_dict()
+    assert set(effective) == set(patched)
+    worst = max((effective[k] - patched[k]).abs().max().item() for k in effective)
+    assert worst <= 1e-4, worst
+    original = unet_to_ldm(base, layout)
+    changed = sum(not torch.equal(v, original[k]) for k, v in patched.items())
+    assert changed == len({k.split(".")[0] for k in lora})
+    with torch.no_grad():
+        assert torch.allclose(ldm(x, t, context), peft_out, atol=1e-4)
