@@ -24,7 +24,7 @@ from .config import DistillConfig
 from .loop import Job, fit
 from .samples import render_samples
 from .speed import apply_speedups, half_dtype
-from .data import Batches, CaptionedImages, read_metadata, reject_reason
+from .data import CaptionedImages, batch_source, read_metadata, reject_reason
 from .export import check_output_free, export_model, model_bytes, output_dir
 from .losses import diffusion_target, distill_loss, feature_taps
 from .models import encode_images, encode_prompts, freeze, load_parts
@@ -43,9 +43,7 @@ def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator
     run = Distillation(config, job, parts)
     dataset = make_dataset(job, config, items, parts)
 
-    def make_batches(start: int) -> Batches:
-        return Batches(dataset, config.train_batch_size, config.seed, acc.process_index, acc.num_processes, start,
-                       config.num_workers)
+    make_batches = batch_source(dataset, config, acc)
 
     def render(step, ema):
         with (ema.applied() if ema else contextlib.nullcontext()), half_autocast(job.device, run.frozen_dtype):

@@ -21,7 +21,7 @@ from .config import DreamBoothConfig
 from .loop import Job, fit
 from .samples import render_samples
 from .speed import apply_speedups, half_dtype
-from .data import Batches, CaptionedImages, list_images
+from .data import CaptionedImages, batch_source, list_images
 from .export import check_output_free, export_model, model_bytes, output_dir, outputs
 from .lora import add_lora, write_lora
 from .losses import diffusion_target, prior_preservation_loss
@@ -76,9 +76,7 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
 
     dataset = PairedImages(instance_images, config.instance_prompt, class_images, config.class_prompt, config)
 
-    def make_batches(start: int) -> Batches:
-        return Batches(dataset, config.train_batch_size, config.seed, acc.process_index, acc.num_processes, start,
-                       config.num_workers)
+    make_batches = batch_source(dataset, config, acc)
 
     def loss_fn(batch):
         pixels, prompts = batch["pixels"], batch["caption"]

@@ -37,7 +37,7 @@ from . import lcm
 from ..io import check_model_source
 from ..job_config import setting
 from .config import TrainConfig
-from .data import Batches
+from .data import batch_source
 from .distill import conditioning, half_autocast, make_dataset, read_pairs
 from .export import check_output_free, export_model, model_bytes, output_dir, outputs
 from .lora import add_lora, write_lora
@@ -153,9 +153,7 @@ def train(config: LcmConfig, job_dir, resume: str | None = None, accelerator=Non
     run = Consistency(config, job, parts, layout)
     dataset = make_dataset(job, config, items, parts)
 
-    def make_batches(start: int) -> Batches:
-        return Batches(dataset, config.train_batch_size, config.seed, acc.process_index, acc.num_processes, start,
-                       config.num_workers)
+    make_batches = batch_source(dataset, config, acc)
 
     def render(step, ema):
         with (ema.applied() if ema else contextlib.nullcontext()), half_autocast(job.device, run.frozen_dtype):
