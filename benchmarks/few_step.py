@@ -1,5 +1,7 @@
 """Few-step speed: BK + its LCM at 2/4/8 steps against the same BK at 20 and SD at 25 and 20, in one run.
 
+SD + LCM(-LoRA) at 4 steps is a row too (LCM-LoRA for SD-1.5, merged, is SD's U-Net).
+
     python benchmarks/few_step.py [--size 256] [--images 1] [--threads 2] [--work DIR]
 
 Every row goes through the project's one generation engine (`bksdm_ext.timings.bench.run_benchmark`,
@@ -27,6 +29,7 @@ ROWS = [  # (label, model, sampler, steps, cfg)
     ("BK-Small + LCM, 4 steps", "bk-small", "LCM", 4, 1.0),
     ("BK-Small + LCM, 8 steps", "bk-small", "LCM", 8, 1.0),
     ("BK-Small, 20 steps", "bk-small", "DPM++ 2M", 20, 7.0),
+    ("SD-v1 + LCM(-LoRA), 4 steps", "sd-v1", "LCM", 4, 1.0),
     ("SD-v1, 25 steps", "sd-v1", "DPM++ 2M", 25, 7.0),
     ("SD-v1, 20 steps", "sd-v1", "DPM++ 2M", 20, 7.0),
 ]
@@ -55,6 +58,8 @@ def main(argv=None) -> int:
         if not (folders[name] / "model_index.json").is_file():
             print(f"writing a full-size random {name} pipeline into {folders[name]}", flush=True)
             write_full_size_pipeline(folders[name], layout, "v1")
+            for variant in folders[name].glob("*/*.fp16.safetensors"):  # the engine reads the plain file names
+                variant.rename(variant.with_name(variant.name.replace(".fp16", "")))
     seconds = {}
     with TimingStore(work / "timings.sqlite3") as store:
         for label, model, sampler, steps, cfg in ROWS:
