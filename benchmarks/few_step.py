@@ -2,7 +2,7 @@
 
 SD + LCM(-LoRA) at 4 steps is a row too (LCM-LoRA for SD-1.5, merged, is SD's U-Net).
 
-    python benchmarks/few_step.py [--size 256] [--images 1] [--threads 2] [--work DIR]
+    python benchmarks/few_step.py [--size 256] [--images 1] [--warmup 1] [--threads 2] [--work DIR]
 
 Every row goes through the project's one generation engine (`bksdm_ext.timings.bench.run_benchmark`,
 what `bksdm bench-generate` runs) into one timing store; the table prints s/image and the ratios to
@@ -38,7 +38,8 @@ ROWS = [  # (label, model, sampler, steps, cfg)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--images", type=int, default=1, help="measured images per row (one warm-up image each)")
+    parser.add_argument("--images", type=int, default=1, help="measured images per row")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up images per row (not counted)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="folder for the random pipelines (default: a temp folder)")
     args = parser.parse_args(argv)
@@ -64,12 +65,13 @@ def main(argv=None) -> int:
     with TimingStore(work / "timings.sqlite3") as store:
         for label, model, sampler, steps, cfg in ROWS:
             protocol = Protocol(width=args.size, height=args.size, steps=steps, sampler=sampler, cfg_scale=cfg,
-                                schedule="normal" if sampler == "LCM" else "karras", warmup=1, images=args.images)
+                                schedule="normal" if sampler == "LCM" else "karras", warmup=args.warmup, images=args.images)
             records = bench.run_benchmark([folders[model]], protocol, store, "cpu", torch.float32,
                                           progress=lambda line: print(line, flush=True))
             seconds[label] = sum(r.seconds_per_image for r in records) / len(records)
     sd25, sd20 = seconds["SD-v1, 25 steps"], seconds["SD-v1, 20 steps"]
-    print(f"\n{args.size}x{args.size}, fp32, {args.threads} threads, {args.images} measured image(s) a row")
+    print(f"\n{args.size}x{args.size}, fp32, {args.threads} threads, {args.images} measured image(s) a row, "
+          f"{args.warmup} warm-up")
     print("| model, steps | s/image | vs SD 25 steps | vs SD 20 steps |")
     print("|---|---:|---:|---:|")
     for label, value in seconds.items():

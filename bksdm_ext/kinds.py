@@ -115,9 +115,9 @@ register(Kind("distill", "Distill", "bksdm_ext.train.config:DistillConfig", "bks
 register(Kind("dreambooth", "DreamBooth", "bksdm_ext.train.config:DreamBoothConfig",
               "bksdm_ext.train.dreambooth:train",
               help="DreamBooth personalisation (full or LoRA) of a BK-SDM or SD model"))
-register(Kind("lcm", "Few-step (LCM)", "bksdm_ext.train.lcm_distill:LcmConfig", "bksdm_ext.train.lcm_distill:train",
-              help="latent-consistency distillation of a BK-SDM or SD model into a 2-8 step one (LoRA or full)"))
 register(Kind("convert", "Import / Convert", "bksdm_ext.jobs.convert_job:ConvertConfig",
               "bksdm_ext.jobs.convert_job:run",
               gpu=False, help="import a model (diffusers folder or single file) for the WebUI or diffusers"))
+register(Kind("lcm", "Few-step (LCM)", "bksdm_ext.train.lcm_distill:LcmConfig", "bksdm_ext.train.lcm_distill:train",
+              help="latent-consistency distillation of a BK-SDM or SD model into a 2-8 step one (LoRA or full)"))
 _BUILTIN = frozenset(_KINDS)
