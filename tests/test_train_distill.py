@@ -16,7 +16,8 @@ from bksdm_ext.errors import BKSDMError
 from bksdm_ext.student import build_student
 from bksdm_ext.train import cache as core_cache
 from bksdm_ext.job import JobFolder
-from bksdm_ext.train import checkpoints, losses
+from bksdm_ext.train import losses
+from bksdm_ext.train.checkpoints import load_checkpoint
 from bksdm_ext.train.config import DistillConfig
 from tiny import tiny_unet, tiny_unet_config
 from train_helpers import (one_thread, one_thread_env, progress, run_module, small_settings,  # noqa: F401
@@ -185,7 +186,7 @@ def test_bad_items_are_skipped_and_counted_and_an_unusable_dataset_refused(tmp_p
     config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
                            **small_settings(train_batch_size=6, max_steps=1, checkpoint_every=1))
     assert distill.train(config, job) == "done"
-    skipped = {r: n for r, n in checkpoints.load_checkpoint(JobFolder(job).complete_checkpoints()[-1])[3]["skipped"].items()}
+    skipped = {r: n for r, n in load_checkpoint(JobFolder(job).complete_checkpoints()[-1])[3]["skipped"].items()}
     assert skipped == {"grayscale": 1, "too small": 1, "broken image": 1}
 
     # nothing usable: refused before any model is loaded (the teacher path is never read)
@@ -267,8 +268,8 @@ def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_pipeline_v1, o
     for row_a, row_b in zip(a, b):
         for term in ("total", "task", "out_kd", "feat_kd"):
             assert row_a[term] == pytest.approx(row_b[term], abs=1e-6), (row_a["step"], term)
-    final_a, training = checkpoints.load_checkpoint(JobFolder(straight).complete_checkpoints()[-1])[:2]
-    final_b = checkpoints.load_checkpoint(JobFolder(halves).complete_checkpoints()[-1])[0]
+    final_a, training = load_checkpoint(JobFolder(straight).complete_checkpoints()[-1])[:2]
+    final_b = load_checkpoint(JobFolder(halves).complete_checkpoints()[-1])[0]
     states = [state.get("__bnb_optimizer_quant_state__", state) for state in training["optimizer"]["state"].values()]
     moments = {v.dtype for state in states for k, v in state.items() if k in ("state1", "state2", "exp_avg", "exp_avg_sq")}
     # bitsandbytes keeps tensors under 4096 elements in fp32, the rest in 8 bits
@@ -319,7 +320,7 @@ def test_single_file_output_loads_strictly_into_the_ldm_unet_from_our_yaml(tmp_p
     from diffusers import UNet2DConditionModel
 
     trained = UNet2DConditionModel.from_pretrained(job / "output" / "bk-sdm-tiny", subfolder="unet")
-    ema = checkpoints.load_checkpoint(JobFolder(job).complete_checkpoints()[-1])[0]["ema"]
+    ema = load_checkpoint(JobFolder(job).complete_checkpoints()[-1])[0]["ema"]
     for key, tensor in trained.state_dict().items():
         assert torch.equal(tensor, ema[f"student.{key}"]), key
 
@@ -364,7 +365,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_resumable(tm
     partial = [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]
     assert partial, "the kill should have hit a checkpoint being written"
     last = JobFolder(job).complete_checkpoints()[-1]
-    tensors, training, rng, state = checkpoints.load_checkpoint(last)
+    tensors, training, rng, state = load_checkpoint(last)
     assert state["step"] == int(last.name.split("-")[1]) and "optimizer" in training and rng
     assert int(partial[0].name.rsplit("-", 1)[1]) > state["step"]
 
