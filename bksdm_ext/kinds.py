@@ -123,4 +123,6 @@ register(Kind("prune", "Prune", "bksdm_ext.jobs.prune_job:PruneConfig", "bksdm_e
 register(Kind("sensitivity", "Block sensitivity", "bksdm_ext.sensitivity.job:SensitivityConfig",
               "bksdm_ext.sensitivity.job:run",
               help="how much each block of an SD teacher matters (BK-SDM App. C), and a layout for a target size"))
+register(Kind("lcm", "Few-step (LCM)", "bksdm_ext.train.lcm_distill:LcmConfig", "bksdm_ext.train.lcm_distill:train",
+              help="latent-consistency distillation of a BK-SDM or SD model into a 2-8 step one (LoRA or full)"))
 _BUILTIN = frozenset(_KINDS)

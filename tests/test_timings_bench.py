@@ -70,6 +70,33 @@ def test_both_backends_compute_the_same_dpmpp_2m_karras(tiny_pipeline_v1):
     assert torch.nn.functional.cosine_similarity(k.flatten(), d.flatten(), dim=0) > 0.9995
 
 
+def test_lcm_sampler_is_diffusers_lcm_sampling_and_skips_the_uncond_batch_at_cfg_1(tiny_pipeline_v1, tmp_path):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from bksdm_ext.timings.bench import encode_prompts, load_pipeline, sample_lcm
+    from bksdm_ext.timings.protocol import Protocol
+
+    db = tmp_path / "t.sqlite3"
+    assert main(["bench-generate", str(tiny_pipeline_v1), "--images", "1", "--warmup", "0", "--sampler", "LCM",
+                 "--cfg", "1", "--db", str(db), *TINY]) == 0
+    with TimingStore(db) as store:
+        (record,) = store.records()
+    assert (record.sampler, record.steps, record.unet_calls) == ("LCM", 3, 3)
+
+    pipe = load_pipeline(tiny_pipeline_v1)
+    protocol = Protocol(width=64, height=64, steps=4, sampler="LCM", cfg_scale=1.0)
+    cond, uncond = encode_prompts(pipe, protocol.prompt, "", 1)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = sample_lcm(pipe, protocol, cond, uncond, noise)
+    reference = StableDiffusionPipeline(  # diffusers' way to sample an LCM-LoRA (no w-embedding)
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        scheduler=LCMScheduler.from_config(pipe.scheduler_config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    theirs = reference(prompt_embeds=cond, num_inference_steps=4, guidance_scale=1.0, latents=noise, height=64,
+                       width=64, output_type="latent", generator=torch.Generator().manual_seed(protocol.seed)).images
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
 def test_bench_generate_refuses_a_unet_folder_with_a_clear_message(tiny_pipeline_v1, tmp_path, capsys):
     assert main(["bench-generate", str(tiny_pipeline_v1 / "unet"), "--db", str(tmp_path / "t.sqlite3"), *TINY]) == 2
     assert "needs a whole pipeline folder" in capsys.readouterr().err

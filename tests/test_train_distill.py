@@ -41,6 +41,25 @@ def test_loss_terms_equal_hand_computed_values():
     assert total.item() == pytest.approx(4.0 + 2 * 1.0 + 0.5 * 9.25)
 
 
+def test_normalised_feature_term_is_the_squared_error_over_the_teachers_mean_square():
+    shape = (2, 4, 3, 3)
+    student, target, teacher = torch.zeros(shape), torch.full(shape, 2.0), torch.ones(shape)
+    f_student = [torch.zeros(2, 5), torch.tensor([[1.0, 2.0], [3.0, 4.0]])]
+    f_teacher = [torch.full((2, 5), 3.0), torch.tensor([[2.0, 2.0], [1.0, 0.0]])]
+    # stage 0: mean (0-3)^2 = 9 over mean 3^2 = 9 -> 1; stage 1: mean(1, 0, 4, 16) = 5.25 over mean(4, 4, 1, 0) = 2.25
+    total, terms = losses.distill_loss(student, teacher, target, f_student, f_teacher, (1.0, 1.0, 1.0),
+                                       stage_names=["down_blocks.0", "up_blocks.1"], normalised=True,
+                                       stage_weights=[0.5, 2.0])
+    assert terms["feat_kd.down_blocks.0"].item() == pytest.approx(1.0)
+    assert terms["feat_kd.up_blocks.1"].item() == pytest.approx(5.25 / 2.25)
+    assert terms["feat_kd"].item() == pytest.approx(0.5 * 1.0 + 2.0 * 5.25 / 2.25)
+    assert total.item() == pytest.approx(4.0 + 1.0 + 0.5 + 2.0 * 5.25 / 2.25)
+    # the paper's plain sum, per stage too
+    _, plain = losses.distill_loss(student, teacher, target, f_student, f_teacher, (1.0, 1.0, 1.0))
+    assert plain["feat_kd.0"].item() == pytest.approx(9.0) and plain["feat_kd.1"].item() == pytest.approx(5.25)
+    assert plain["feat_kd"].item() == pytest.approx(14.25)
+
+
 def test_v_prediction_target_is_velocity():
     from diffusers import DDPMScheduler
 
@@ -198,6 +217,29 @@ def test_overfitting_eight_images_halves_the_loss(tmp_path, tiny_pipeline_v1, on
     assert sorted(events["loss/total"]) == list(range(1, 51))
     assert [events["loss/total"][step] for step in range(1, 51)] == pytest.approx(totals, rel=1e-6)
     assert set(events) >= {"loss/task", "loss/out_kd", "loss/feat_kd", "samples_per_s"}
+
+
+def test_every_stage_term_is_a_losses_csv_column_and_normalised_weighted_kd_trains(tmp_path, tiny_pipeline_v1,
+                                                                                  one_thread):
+    from bksdm_ext.train import distill
+
+    data = write_images(tmp_path / "data", 2)
+    stages = [s for _, s in layouts.feature_kd_pairs("tiny")]
+    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), layout="tiny", use_ema=False,
+                           feature_kd="normalised", feature_kd_stage_weights=[1, 1, 1, 0, 2, 1],
+                           **small_settings(max_steps=2))
+    config.validate()
+    assert distill.train(config, tmp_path / "job") == "done"
+    rows = JobFolder(tmp_path / "job").read_losses()
+    assert [f"feat_kd.{s}" for s in stages] == [k for k in rows[0] if k.startswith("feat_kd.")]
+    for row in rows:
+        weighted = sum(w * row[f"feat_kd.{s}"] for w, s in zip([1, 1, 1, 0, 2, 1], stages))
+        assert row["feat_kd"] == pytest.approx(weighted, rel=1e-5)
+        assert 0 < row["feat_kd.down_blocks.0"] < 10  # a relative error, not the activations' scale
+    with pytest.raises(BKSDMError, match="needs 6 non-negative numbers"):
+        DistillConfig(**{**config.to_dict(), "feature_kd_stage_weights": [1, 2]}).validate()
+    with pytest.raises(BKSDMError, match="feature_kd must be one of"):
+        DistillConfig(**{**config.to_dict(), "feature_kd": "l1"}).validate()
 
 
 def _bitsandbytes_importable() -> bool:

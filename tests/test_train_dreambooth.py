@@ -16,7 +16,7 @@ from bksdm_ext.job import JobFolder
 from bksdm_ext.train import checkpoints, losses
 from bksdm_ext.train.config import DreamBoothConfig
 from tiny import tiny_text_encoder, tiny_unet, tiny_unet_config, write_tiny_pipeline
-from train_helpers import one_thread, small_settings, write_images  # noqa: F401
+from train_helpers import one_thread, small_settings, webui_apply_lora, write_images  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,8 @@ def _instance_loss(base: Path, photos: Path, prompt: str, lora: Path | None = No
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from bksdm_ext.train.data import augment, open_rgb
-    from bksdm_ext.train.dreambooth import TEXT_LORA_TARGETS, UNET_LORA_TARGETS, add_lora
+    from bksdm_ext.train.dreambooth import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
+    from bksdm_ext.train.lora import add_lora
     from bksdm_ext.train.models import encode_images, encode_prompts
 
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
@@ -176,7 +177,8 @@ def test_lora_run_lowers_the_instance_loss_and_exports_webui_and_diffusers_files
 
 
 def _lora_unet(layout: str, version: str = "v1", seed: int = 1):
-    from bksdm_ext.train.dreambooth import UNET_LORA_TARGETS, add_lora
+    from bksdm_ext.train.dreambooth import UNET_LORA_TARGETS
+    from bksdm_ext.train.lora import add_lora
 
     unet = tiny_unet(layout, version)
     add_lora(unet, 4, 6.0, UNET_LORA_TARGETS)
@@ -188,24 +190,11 @@ def _lora_unet(layout: str, version: str = "v1", seed: int = 1):
     return unet
 
 
-def _webui_apply(model: torch.nn.Module, lora: dict, prefix: str, multiplier: float = 1.0) -> int:
-    """What the WebUI's Lora extension does for a Linear: W += up @ down * alpha / rank * multiplier."""
-    modules = {prefix + name.replace(".", "_"): m for name, m in model.named_modules()}
-    applied = 0
-    for key in {k.split(".")[0] for k in lora}:
-        module = modules[key.replace("lora_unet_", prefix, 1)]
-        down, up = lora[f"{key}.lora_down.weight"], lora[f"{key}.lora_up.weight"]
-        with torch.no_grad():
-            module.weight += up @ down * (lora[f"{key}.alpha"] / down.shape[0]) * multiplier
-        applied += 1
-    return applied
-
-
 @pytest.mark.parametrize("layout", ["base", "small", "tiny"])
 def test_unet_lora_keys_name_ldm_modules_and_applying_them_matches_peft(layout, one_thread):
     from bksdm_ext.convert.keymaps import unet_to_ldm
     from bksdm_ext.ldm_unet import BKUNetModel
-    from bksdm_ext.train.dreambooth import webui_lora_state_dict
+    from bksdm_ext.train.lora import webui_lora_state_dict
 
     unet = _lora_unet(layout)
     lora = webui_lora_state_dict(unet, None, layout)
@@ -226,10 +215,10 @@ def test_unet_lora_keys_name_ldm_modules_and_applying_them_matches_peft(layout, 
     with torch.no_grad():
         plain = ldm_model()(x, t, context)
         patched = ldm_model()
-        assert _webui_apply(patched, lora, "diffusion_model_") == len(keys)
+        assert webui_apply_lora(patched, lora, "diffusion_model_") == len(keys)
         with_lora = patched(x, t, context)
         zero = ldm_model()
-        _webui_apply(zero, {k: (torch.tensor(0.0) if k.endswith(".alpha") else v) for k, v in lora.items()},
+        webui_apply_lora(zero, {k: (torch.tensor(0.0) if k.endswith(".alpha") else v) for k, v in lora.items()},
                      "diffusion_model_")
         at_alpha_zero = zero(x, t, context)
         peft_out = unet(x, t, encoder_hidden_states=context).sample
@@ -241,7 +230,8 @@ def test_unet_lora_keys_name_ldm_modules_and_applying_them_matches_peft(layout, 
 def test_text_encoder_lora_keys_follow_the_webui_mapping_for_v1_and_v2():
     import open_clip
 
-    from bksdm_ext.train.dreambooth import TEXT_LORA_TARGETS, add_lora, webui_lora_state_dict
+    from bksdm_ext.train.dreambooth import TEXT_LORA_TARGETS
+    from bksdm_ext.train.lora import add_lora, webui_lora_state_dict
 
     text_encoder = tiny_text_encoder("v1")
     add_lora(text_encoder, 4, 17.0, TEXT_LORA_TARGETS)

@@ -101,7 +101,7 @@ def write_pipeline(directory: str | os.PathLike, unet, vae, text_encoder, versio
     directory = Path(directory)
     unet.save_pretrained(directory / "unet", variant=variant)
     vae.save_pretrained(directory / "vae", variant=variant)
-    text_encoder.save_pretrained(directory / "text_encoder", variant=variant)
+    text_encoder.save_pretrained(directory / "text_encoder", variant=variant, safe_serialization=True)
     write_clip_tokenizer(directory / "tokenizer")
     prediction = layouts.get_version(version).prediction_type
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,

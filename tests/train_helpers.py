@@ -71,6 +71,21 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
     return scalars
 
 
+def webui_apply_lora(model: torch.nn.Module, lora: dict, prefix: str, multiplier: float = 1.0) -> int:
+    """What the WebUI's Lora extension does to a Linear or Conv2d: W += up @ down * alpha / rank * multiplier,
+    with both flattened to matrices and the product shaped as W (its lyco_helpers.rebuild_conventional)."""
+    modules = {prefix + name.replace(".", "_"): m for name, m in model.named_modules()}
+    applied = 0
+    for key in {k.split(".")[0] for k in lora}:
+        module = modules[key.replace("lora_unet_", prefix, 1)]
+        down, up = lora[f"{key}.lora_down.weight"], lora[f"{key}.lora_up.weight"]
+        updown = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(module.weight.shape)
+        with torch.no_grad():
+            module.weight += updown * (lora[f"{key}.alpha"] / down.shape[0]) * multiplier
+        applied += 1
+    return applied
+
+
 def progress(job_dir: Path) -> dict:
     return json.loads((job_dir / "progress.json").read_text())
 

@@ -18,7 +18,7 @@ def _open_store(args):
 
 
 def add_commands(sub) -> None:
-    from ..timings.protocol import K_SAMPLERS, SCHEDULES, Protocol
+    from ..timings.protocol import SAMPLERS, SCHEDULES, Protocol
 
     default = Protocol()
     p = sub.add_parser("bench-generate", help="time image generation with the paper's protocol "
@@ -29,7 +29,7 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=default.steps)
     p.add_argument("--width", type=int, default=default.width)
     p.add_argument("--height", type=int, default=default.height)
-    p.add_argument("--sampler", default=default.sampler, choices=list(K_SAMPLERS))
+    p.add_argument("--sampler", default=default.sampler, choices=list(SAMPLERS))
     p.add_argument("--schedule", default=default.schedule, choices=SCHEDULES)
     p.add_argument("--cfg", type=float, default=default.cfg_scale)
     p.add_argument("--seed", type=int, default=default.seed)

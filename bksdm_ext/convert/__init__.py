@@ -98,12 +98,14 @@ def _cast(tensors: io.StateDict, half: bool) -> io.StateDict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
-def write_single_file(model: Model, dst: Path, half: bool = False) -> list[str]:
+def write_single_file(model: Model, dst: Path, half: bool = False,
+                      extra_metadata: dict[str, str] | None = None) -> list[str]:
     from ..ldm_config import write_yaml_for
 
     det, version = model.detection, model.decision.version
     tensors, unused = checkpoint.to_single_file(model.weights, det.layout, det.family)
-    metadata = checkpoint.header(det.layout, version, model.source, unused, model.configs)
+    metadata = {**(extra_metadata or {}),
+                **checkpoint.header(det.layout, version, model.source, unused, model.configs)}
     io.write_safetensors(dst, _cast(tensors, half), metadata)
     lines = [f"Wrote {dst}: {det.layout}, {version} (decided by {model.decision.source}), "
              f"{'fp16' if half else 'fp32'}, {len(tensors)} tensors."]
@@ -167,11 +169,13 @@ def write_folder(model: Model, dst: Path, half: bool = False, tokenizer: Path | 
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False, version: str | None = None,
-            tokenizer: str | os.PathLike | None = None, overwrite: bool = False) -> list[str]:
+            tokenizer: str | os.PathLike | None = None, overwrite: bool = False,
+            extra_metadata: dict[str, str] | None = None) -> list[str]:
     """Convert SRC to DST; returns what was done, line by line, for the user.
 
     An existing .safetensors (or the .yaml beside it) is replaced only with `overwrite`; a folder
-    destination must be new or empty (a folder is never removed to make room).
+    destination must be new or empty (a folder is never removed to make room). `extra_metadata`: more
+    header entries of a single-file DST (e.g. a few-step model's recommended sampler).
     """
     src, dst = Path(src), Path(dst)
     if not src.exists():
@@ -193,7 +197,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, half: bool = False, 
     if tokenizer is None and (src / "tokenizer").is_dir():
         tokenizer = src  # a pipeline folder keeps its own tokenizer
     if dst.suffix == ".safetensors":
-        lines = write_single_file(model, dst, half)
+        lines = write_single_file(model, dst, half, extra_metadata)
     else:
         lines = write_folder(model, dst, half, Path(tokenizer) if tokenizer else None)
     return model.notes + lines

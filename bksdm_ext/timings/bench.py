@@ -209,6 +209,31 @@ def sample_diffusers(pipe: Pipeline, protocol: Protocol, cond, uncond, noise, in
 
 
 @torch.no_grad()
+def sample_lcm(pipe: Pipeline, protocol: Protocol, cond, uncond, noise, init_latent=None) -> torch.Tensor:
+    """Multistep consistency sampling (LCM, Luo et al. 2023) through diffusers' LCMScheduler: the WebUI's
+    "LCM" sampler. CFG 1 runs the conditional batch alone (a few-step model's usual 1-2); above 1 the
+    unconditional batch joins, as for the other samplers."""
+    from diffusers import LCMScheduler
+
+    if init_latent is not None:
+        raise BKSDMError("The LCM sampler is benchmarked for txt2img only: drop --strength.")
+    scheduler = LCMScheduler.from_config(pipe.scheduler_config)
+    scheduler.set_timesteps(protocol.steps, device=pipe.device)
+    generator = torch.Generator(pipe.device).manual_seed(protocol.seed)
+    guided = protocol.cfg_scale > 1
+    context = torch.cat([uncond, cond]) if guided else cond
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents, latents]) if guided else latents
+        output = pipe.unet(model_input.to(pipe.dtype), t, encoder_hidden_states=context).sample.float()
+        if guided:
+            out_uncond, out_cond = output.chunk(2)
+            output = out_uncond + (out_cond - out_uncond) * protocol.cfg_scale
+        latents = scheduler.step(output, t, latents, generator=generator).prev_sample
+    return latents
+
+
+@torch.no_grad()
 def generate(pipe: Pipeline, protocol: Protocol, recorder: GenerationRecorder, seed: int,
              backend: str = "k-diffusion", init_image: torch.Tensor | None = None):
     """One batch of images, timed: total, sampling (inside), decode (by the slot's decoder hook)."""
@@ -216,7 +241,10 @@ def generate(pipe: Pipeline, protocol: Protocol, recorder: GenerationRecorder, s
     cond, uncond = encode_prompts(pipe, protocol.prompt, protocol.negative_prompt, protocol.batch_size)
     init_latent = encode_image(pipe, init_image) if init_image is not None else None
     noise = _noise(protocol, seed, pipe)
-    sample = sample_k_diffusion if backend == "k-diffusion" else sample_diffusers
+    if protocol.sampler == "LCM":
+        sample = sample_lcm
+    else:
+        sample = sample_k_diffusion if backend == "k-diffusion" else sample_diffusers
     with recorder.sampling():
         latents = sample(pipe, protocol, cond, uncond, noise, init_latent)
     images = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.dtype)).sample

@@ -20,6 +20,7 @@ from ..job_config import JobConfig, setting
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
+FEATURE_KD = ("sum", "normalised")
 DEFAULT_PROMPTS = (
     "a photo of an astronaut riding a horse on mars",
     "a golden retriever sitting in a field of flowers, highly detailed",
@@ -124,6 +125,13 @@ class DistillConfig(TrainConfig):
                                    label="Output-KD weight", group="Losses", min=0.0)
     lambda_feat_kd: float = setting(1.0, "Weight of the feature-KD loss (sum over the stage pairs of the layout).",
                                     label="Feature-KD weight", group="Losses", min=0.0)
+    feature_kd: str = setting("sum", "sum: each stage's squared error (a mean), summed, as the paper; normalised: "
+                                     "each divided by the teacher feature's mean square (LAPTOP-Diff), so no stage "
+                                     "dominates by its size.", label="Feature-KD form", group="Losses",
+                              choices=FEATURE_KD)
+    feature_kd_stage_weights: list = setting((), "Weight of each stage pair's feature term, in the layout's order "
+                                                 "(down stages, then up; losses.csv names them); empty = 1 each.",
+                                             label="Feature-KD stage weights", group="Losses", advanced=True)
     use_ema: bool = setting(True, "Keep an exponential moving average of the student; the output is the EMA.",
                             label="EMA", group="Recipe")
     ema_decay: float = setting(0.9999, "EMA decay per optimiser update.", label="EMA decay", group="Recipe",
@@ -148,6 +156,17 @@ class DistillConfig(TrainConfig):
         read_metadata(self.data, self.image_column, self.caption_column)
         if self.use_ema and not 0 < self.ema_decay < 1:
             raise BKSDMError("ema_decay must be between 0 and 1.")
+        if self.feature_kd not in FEATURE_KD:
+            raise BKSDMError(f"feature_kd must be one of {', '.join(FEATURE_KD)}, not {self.feature_kd!r}.")
+        pairs = layouts.feature_kd_pairs(lay)
+        weights = self.feature_kd_stage_weights
+        try:
+            bad = any(not float(w) >= 0 for w in weights)
+        except (TypeError, ValueError):
+            bad = True
+        if weights and (bad or len(weights) != len(pairs)):
+            raise BKSDMError(f"feature_kd_stage_weights needs {len(pairs)} non-negative numbers for the {lay.name} "
+                             f"layout (stages {', '.join(s for _, s in pairs)}), or none; got {list(weights)}.")
 
 
 @dataclass

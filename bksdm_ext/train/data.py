@@ -252,3 +252,12 @@ class Batches:
                 batch["skipped"] = dict(skipped)
                 return batch
         raise BKSDMError(f"No usable image in 1000 batches in a row ({dict(skipped)}): check the dataset.")
+
+
+def batch_source(dataset, config, accelerator):
+    """`make_batches(start)` for `loop.fit`: this rank's micro-batches of `dataset` from loader position start."""
+    def make_batches(start: int) -> Batches:
+        return Batches(dataset, config.train_batch_size, config.seed, accelerator.process_index,
+                       accelerator.num_processes, start, config.num_workers)
+
+    return make_batches

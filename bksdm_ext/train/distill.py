@@ -1,6 +1,8 @@
 """BK-SDM distillation retraining (BKSDM.md §3): a pruned student learns from its SD teacher.
 
-    loss = λ_task‖target − ε_S‖² + λ_out‖ε_T − ε_S‖² + λ_feat Σ_l‖f_T^l − f_S^l‖²
+    loss = λ_task‖target − ε_S‖² + λ_out‖ε_T − ε_S‖² + λ_feat Σ_l w_l‖f_T^l − f_S^l‖²
+
+(w_l = 1 by default; with feature_kd = "normalised" each stage term is divided by ‖f_T^l‖², LAPTOP-Diff.)
 
 Read `train` top to bottom: data, models, the loss of one micro-batch, the loop (shared with
 DreamBooth, `loop.fit`), the output.
@@ -22,7 +24,7 @@ from .config import DistillConfig
 from .loop import Job, fit
 from .samples import render_samples
 from .speed import apply_speedups, half_dtype
-from .data import Batches, CaptionedImages, read_metadata, reject_reason
+from .data import CaptionedImages, batch_source, read_metadata, reject_reason
 from .export import check_output_free, export_model, model_bytes, output_dir
 from .losses import diffusion_target, distill_loss, feature_taps
 from .models import encode_images, encode_prompts, freeze, load_parts
@@ -32,32 +34,24 @@ def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator
     job = Job(config, job_dir, accelerator)
     acc = job.accelerator
 
-    # data: refused before any model loads if nothing is usable
-    meta = read_metadata(config.data, config.image_column, config.caption_column)
-    probe = [reject_reason(path, config.resolution // 2) for path, _ in meta.items[:64]]
-    if all(probe):
-        raise BKSDMError(f"None of the first {len(probe)} images of {config.data} is usable "
-                         f"({', '.join(sorted(set(probe)))}): check the dataset.")
-    job.say(f"Dataset: {len(meta.items)} pairs" + (f", skipped {dict(meta.skipped)}" if meta.skipped else ""))
+    items = read_pairs(job, config)  # refused before any model loads if nothing is usable
     check_output_free(job, _output_name(config))
 
     # models, and a latent/text cache or images encoded every step (the official way)
     with acc.main_process_first():  # a single-file model is converted once, by the main process
         parts = load_parts(config.teacher)
     run = Distillation(config, job, parts)
-    dataset = make_dataset(job, config, meta.items, parts)
+    dataset = make_dataset(job, config, items, parts)
 
-    def make_batches(start: int) -> Batches:
-        return Batches(dataset, config.train_batch_size, config.seed, acc.process_index, acc.num_processes, start,
-                       config.num_workers)
+    make_batches = batch_source(dataset, config, acc)
 
     def render(step, ema):
-        with (ema.applied() if ema else contextlib.nullcontext()), _half_autocast(job.device, run.frozen_dtype):
+        with (ema.applied() if ema else contextlib.nullcontext()), half_autocast(job.device, run.frozen_dtype):
             return render_samples(parts, run.student, config.sample_prompts, job.folder.samples,
                                   f"step-{step:06d}", config.sample_steps, config.resolution, config.seed)
 
     if config.sample_every and acc.is_main_process and not (job.folder.samples / "teacher-0.png").exists():
-        with _half_autocast(job.device, run.frozen_dtype):
+        with half_autocast(job.device, run.frozen_dtype):
             render_samples(parts, run.teacher, config.sample_prompts, job.folder.samples, "teacher",
                            config.sample_steps, config.resolution, config.seed)
 
@@ -98,11 +92,13 @@ class Distillation:
         if config.compile:
             self.prepared = torch.compile(self.prepared)
         self.weights = (config.lambda_task, config.lambda_out_kd, config.lambda_feat_kd)
+        self.feature_kd = dict(stage_names=self.student_tap.names, normalised=config.feature_kd == "normalised",
+                               stage_weights=[float(w) for w in config.feature_kd_stage_weights])
 
     def loss(self, batch):
         job, timer, device, scheduler = self.job, self.job.timer, self.job.device, self.scheduler
         with timer("encode"):
-            latents, text = _conditioning(batch, self.parts, device, job.generator)
+            latents, text = conditioning(batch, self.parts, device, job.generator)
         noise = torch.randn(latents.shape, generator=job.generator, device=device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=job.generator, device=device)
@@ -115,10 +111,21 @@ class Distillation:
         with timer("student"), self.student_tap:
             student_out = self.prepared(noisy, timesteps, text.float()).sample
         return distill_loss(student_out, teacher_out, target, self.student_tap.outputs(), teacher_features,
-                            self.weights)
+                            self.weights, **self.feature_kd)
 
 
-def make_dataset(job: Job, config: DistillConfig, items, parts: dict):
+def read_pairs(job: Job, config) -> list:
+    """The (image, caption) pairs of config.data; refused if none of the first images is usable."""
+    meta = read_metadata(config.data, config.image_column, config.caption_column)
+    probe = [reject_reason(path, config.resolution // 2) for path, _ in meta.items[:64]]
+    if all(probe):
+        raise BKSDMError(f"None of the first {len(probe)} images of {config.data} is usable "
+                         f"({', '.join(sorted(set(probe)))}): check the dataset.")
+    job.say(f"Dataset: {len(meta.items)} pairs" + (f", skipped {dict(meta.skipped)}" if meta.skipped else ""))
+    return meta.items
+
+
+def make_dataset(job: Job, config, items, parts: dict):
     """Cached latents and text embeddings (the encoders then leave memory unless samples need them),
     or images and captions encoded at each step."""
     if not config.cache:
@@ -129,7 +136,7 @@ def make_dataset(job: Job, config: DistillConfig, items, parts: dict):
     return dataset
 
 
-def _conditioning(batch, parts, device, generator):
+def conditioning(batch, parts, device, generator):
     """(latents, text embeddings) of a batch: from the cache, or encoded now by the frozen VAE and text encoder."""
     if "latents" in batch:
         return batch["latents"].to(device).float(), batch["text"].to(device)
@@ -139,7 +146,7 @@ def _conditioning(batch, parts, device, generator):
     return latents.clone(), text.clone()
 
 
-def build_cache(job: Job, config: DistillConfig, items, parts):
+def build_cache(job: Job, config, items, parts):
     root = Path(config.cache_dir) if config.cache_dir else latent_cache.default_cache_dir()
     encoder = parts["text_encoder"]
     flipped = config.random_flip
@@ -164,7 +171,7 @@ def build_cache(job: Job, config: DistillConfig, items, parts):
     return cache
 
 
-def _half_autocast(device, dtype):
+def half_autocast(device, dtype):
     """Sampling mixes the trained fp32 U-Net with half-precision frozen parts; autocast reconciles them."""
     if dtype == torch.float32:
         return contextlib.nullcontext()

@@ -21,8 +21,9 @@ from .config import DreamBoothConfig
 from .loop import Job, fit
 from .samples import render_samples
 from .speed import apply_speedups, half_dtype
-from .data import Batches, CaptionedImages, list_images
+from .data import CaptionedImages, batch_source, list_images
 from .export import check_output_free, export_model, model_bytes, output_dir, outputs
+from .lora import add_lora, write_lora
 from .losses import diffusion_target, prior_preservation_loss
 from .models import encode_images, encode_prompts, freeze, layout_of, load_parts
 
@@ -75,9 +76,7 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
 
     dataset = PairedImages(instance_images, config.instance_prompt, class_images, config.class_prompt, config)
 
-    def make_batches(start: int) -> Batches:
-        return Batches(dataset, config.train_batch_size, config.seed, acc.process_index, acc.num_processes, start,
-                       config.num_workers)
+    make_batches = batch_source(dataset, config, acc)
 
     def loss_fn(batch):
         pixels, prompts = batch["pixels"], batch["caption"]
@@ -196,78 +195,11 @@ def generate_class_images(job: Job, folder: Path, parts: dict) -> None:
     job.say(f"Generated {missing} class images.")
 
 
-# --- models -------------------------------------------------------------------------------------
-
-
-def add_lora(model: torch.nn.Module, rank: int, alpha: float, targets) -> None:
-    """peft LoRA adapters on the named linear layers; only they are trained."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)), model)
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-
-
-def lora_modules(model: torch.nn.Module):
-    """(module name, lora down weight, lora up weight, scaling) of every peft LoRA layer of `model`."""
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            yield (name, module.lora_A["default"].weight, module.lora_B["default"].weight,
-                   module.scaling["default"])
-
-
-def webui_lora_state_dict(unet, text_encoder, layout: str, text_family: str = "v1",
-                          text_alpha: float | None = None, unet_alpha: float | None = None) -> dict[str, torch.Tensor]:
-    """The LoRA in the WebUI Lora extension's naming: LDM module names, so pruned indices map right.
-
-    U-Net: `lora_unet_<LDM module with _>.{lora_down,lora_up}.weight` and `.alpha` (the extension
-    scales by alpha / rank). Text encoder: `lora_te_text_model_encoder_layers_N_self_attn_q_proj…`,
-    which the extension maps to CLIP for v1 and, for v2, to OpenCLIP's fused attention
-    `model_transformer_resblocks_N_attn` — applied there only when q, k, v and out_proj all have
-    weights, so v2 adds k_proj and out_proj with a zero up-projection.
-    """
-    out: dict[str, torch.Tensor] = {}
-
-    def put(key: str, down, up, alpha: float):
-        out[f"{key}.lora_down.weight"] = down.detach().float().cpu().contiguous()
-        out[f"{key}.lora_up.weight"] = up.detach().float().cpu().contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(alpha))
-
-    for name, down, up, scaling in lora_modules(unet):
-        ldm = layouts.unet_key_to_ldm(f"{name}.weight", layout)[: -len(".weight")]
-        put("lora_unet_" + ldm.replace(".", "_"), down, up, scaling * down.shape[0])
-    if text_encoder is not None:
-        for name, down, up, scaling in lora_modules(text_encoder):
-            key = "lora_te_" + name.replace(".", "_")
-            put(key, down, up, scaling * down.shape[0])
-            if text_family == "v2" and name.endswith(".q_proj"):
-                attention = name[: -len(".q_proj")]
-                modules = dict(text_encoder.named_modules())
-                for extra in ("k_proj", "out_proj"):
-                    width = modules[f"{attention}.{extra}"].out_features
-                    put(f"lora_te_{attention.replace('.', '_')}_{extra}", torch.zeros_like(down),
-                        torch.zeros(width, down.shape[0]), scaling * down.shape[0])
-    return out
-
-
 def export_lora(job: Job, unet, text_encoder, layout: str, name: str, config: DreamBoothConfig) -> Path:
     """`name.safetensors` for the WebUI (LDM naming) and `name-diffusers/` (diffusers' LoRA file)."""
-    from diffusers import StableDiffusionPipeline
-    from peft import get_peft_model_state_dict
-
-    from ..io import write_safetensors
-
-    out = outputs(job, name)
-    out.claim(out.single, out.lora_diffusers)  # this job's earlier ones go; a foreign one is refused
-    family = "v2" if unet.config.cross_attention_dim == 1024 else "v1"
-    path = write_safetensors(out.single, webui_lora_state_dict(unet, text_encoder, layout, family),
-                             {"ss_network_module": "networks.lora", "ss_network_dim": str(config.lora_rank),
-                              "ss_network_alpha": str(config.lora_alpha), "bksdm.layout": layout,
-                              "bksdm.base_model": str(config.base_model)})
-    StableDiffusionPipeline.save_lora_weights(
-        out.lora_diffusers, unet_lora_layers=get_peft_model_state_dict(unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(text_encoder) if text_encoder is not None else None)
+    path = write_lora(outputs(job, name), unet, text_encoder, layout,
+                      {"ss_network_dim": str(config.lora_rank), "ss_network_alpha": str(config.lora_alpha),
+                       "bksdm.base_model": str(config.base_model)})
     job.say(f"Wrote {path} (use <lora:{name}:1> on the {layouts.get_layout(layout).title} model it was trained on).")
     return path
 

@@ -43,10 +43,11 @@ def model_bytes(root: Path, *trained: torch.nn.Module) -> int:
     return 2 * (kept + sum(4 * p.numel() for m in trained for p in m.parameters()))
 
 
-def export_model(job, unet, root: Path, name: str, text_encoder=None) -> Path:
+def export_model(job, unet, root: Path, name: str, text_encoder=None, metadata: dict[str, str] | None = None) -> Path:
     """Write `name/` (the pipeline at `root` with the trained parts swapped in) and `name.safetensors` + yaml.
 
-    Returns the single-file checkpoint. Weights are written in fp32, whatever the training precision.
+    Returns the single-file checkpoint (with `metadata` in its header). Weights are written in fp32,
+    whatever the training precision.
     """
     out = outputs(job, name)
     out.claim(out.single, out.yaml, out.diffusers)  # this job's earlier ones go; a foreign one is refused
@@ -56,7 +57,7 @@ def export_model(job, unet, root: Path, name: str, text_encoder=None) -> Path:
         shutil.rmtree(out.diffusers / "text_encoder")
         with new_folder(out.diffusers / "text_encoder") as tmp:
             _fp32(text_encoder).save_pretrained(tmp, safe_serialization=True)
-    for line in convert(out.diffusers, out.single):
+    for line in convert(out.diffusers, out.single, extra_metadata=metadata):
         job.say(line)
     return out.single
 

@@ -148,7 +148,7 @@ class Job:
 
 def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, render=None,
         ema_decay: float | None = None, resume: str | None = None,
-        output: tuple[Path, int] | None = None) -> tuple[str, EMA | None]:
+        output: tuple[Path, int] | None = None, ema: EMA | None = None) -> tuple[str, EMA | None]:
     """Train `modules` on `loss_fn(batch) -> (loss, {term: tensor})` until max_steps.
 
     Returns ('done' or 'cancelled', the EMA or None).
@@ -157,14 +157,19 @@ def fit(job: Job, modules: dict[str, torch.nn.Module], loss_fn, make_batches, re
     optimiser, the EMA and the checkpoints hold. `make_batches(start)` gives this rank's micro-batches
     (a `data.Batches`) from loader position `start`; `render(step, ema)` writes validation images and
     returns their paths. `output` is (folder, bytes) of the model written when the run is done: its
-    space is checked with the checkpoints' before the first step.
+    space is checked with the checkpoints' before the first step. `ema`: an EMA of the trainable
+    parameters the caller built itself because its loss reads it (LCM's target network), in place of
+    one of `ema_decay`; it is checkpointed and resumed the same way.
     """
     config, acc, timer = job.config, job.accelerator, job.timer
     unwrapped = {name: acc.unwrap_model(m) for name, m in modules.items()}
     names = [f"{name}.{key}" for name, m in unwrapped.items() for key, p in m.named_parameters() if p.requires_grad]
     params = [p for m in unwrapped.values() for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config, job.device)
-    ema = EMA(params, ema_decay) if ema_decay else None
+    if ema is None:
+        ema = EMA(params, ema_decay) if ema_decay else None
+    elif [id(p) for p in ema.params] != [id(p) for p in params]:
+        raise ValueError("The EMA given to fit must average exactly the trainable parameters of `modules`.")
     accum = config.gradient_accumulation_steps
 
     # resume

@@ -33,19 +33,38 @@ def output_kd_loss(student_out, teacher_out):
     return F.mse_loss(student_out.float(), teacher_out.float())
 
 
-def feature_kd_loss(student_features: list, teacher_features: list):
-    """Σ_l ‖f_T^l − f_S^l‖², each term a mean over its elements (the official code's form)."""
-    return sum(F.mse_loss(s.float(), t.float()) for s, t in zip(student_features, teacher_features, strict=True))
+def feature_kd_terms(student_features: list, teacher_features: list, normalised: bool = False) -> list:
+    """Each stage's ‖f_T^l − f_S^l‖² as a mean over its elements (the official code's form).
+
+    normalised: divided by the teacher feature's mean square, i.e. ‖f_T − f_S‖² / ‖f_T‖² (LAPTOP-Diff,
+    arXiv 2404.11098), so that no stage dominates by the size of its activations alone.
+    """
+    terms = []
+    for s, t in zip(student_features, teacher_features, strict=True):
+        term = F.mse_loss(s.float(), t.float())
+        if normalised:
+            term = term / t.float().square().mean().clamp_min(torch.finfo(torch.float32).tiny)
+        terms.append(term)
+    return terms
 
 
-def distill_loss(student_out, teacher_out, target, student_features, teacher_features, weights):
-    """(total, {term: value}) with weights = (λ_task, λ_out, λ_feat)."""
+def distill_loss(student_out, teacher_out, target, student_features, teacher_features, weights, stage_names=None,
+                 normalised: bool = False, stage_weights=None):
+    """(total, {term: value}) with weights = (λ_task, λ_out, λ_feat).
+
+    The terms include each stage's feature term (before its stage weight) as `feat_kd.<stage>`, named
+    by `stage_names` (the student's modules) or by position, so a log shows which stage dominates.
+    """
+    stages = feature_kd_terms(student_features, teacher_features, normalised)
+    stage_weights = list(stage_weights) if stage_weights else [1.0] * len(stages)
     terms = {
         "task": task_loss(student_out, target),
         "out_kd": output_kd_loss(student_out, teacher_out),
-        "feat_kd": feature_kd_loss(student_features, teacher_features),
+        "feat_kd": sum(w * term for w, term in zip(stage_weights, stages, strict=True)),  # Σ_l w_l term_l
     }
     total = sum(w * terms[name] for w, name in zip(weights, ("task", "out_kd", "feat_kd")))
+    names = stage_names or [str(i) for i in range(len(stages))]
+    terms.update({f"feat_kd.{name}": term.detach() for name, term in zip(names, stages, strict=True)})
     return total, terms
 
 

@@ -11,12 +11,16 @@ from ..io import write_image
 
 @torch.no_grad()
 def render_samples(pipeline_parts: dict, unet, prompts, directory: Path, stem: str, steps: int, resolution: int,
-                   seed: int) -> list[Path]:
-    """Render the fixed prompts with `unet` and the rest of a pipeline; PNGs `stem-i.png`."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+                   seed: int, sampler: str = "PNDMScheduler", guidance_scale: float = 7.5) -> list[Path]:
+    """Render the fixed prompts with `unet` and the rest of a pipeline; PNGs `stem-i.png`.
+
+    `sampler`: a diffusers scheduler class name (PNDM by default; LCM for few-step models).
+    """
+    import diffusers
+    from diffusers import StableDiffusionPipeline
 
     parts = pipeline_parts
-    scheduler = PNDMScheduler.from_config(parts["scheduler"].config)
+    scheduler = getattr(diffusers, sampler).from_config(parts["scheduler"].config)
     was_training = unet.training
     unet.eval()
     pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
@@ -28,7 +32,7 @@ def render_samples(pipeline_parts: dict, unet, prompts, directory: Path, stem: s
     for i, prompt in enumerate(prompts):
         generator = torch.Generator("cpu").manual_seed(seed + i)
         image = pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution,
-                     generator=generator, guidance_scale=7.5).images[0]
+                     generator=generator, guidance_scale=guidance_scale).images[0]
         paths.append(write_image(directory / f"{stem}-{i}.png", image))
     unet.train(was_training)
     return paths

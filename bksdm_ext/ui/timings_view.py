@@ -14,7 +14,7 @@ import gradio as gr
 
 from ..errors import BKSDMError
 from ..timings import stats
-from ..timings.protocol import K_SAMPLERS, Protocol
+from ..timings.protocol import SAMPLERS, Protocol
 from ..timings.store import TimingStore
 
 ALL = "(all)"
@@ -144,7 +144,7 @@ def _benchmark_controls(benchmark, checkpoint_choices, show, filters, outputs, c
             width = gr.Number(value=default.width, precision=0, label="Width")
             height = gr.Number(value=default.height, precision=0, label="Height")
             steps = gr.Number(value=default.steps, precision=0, label="Steps")
-            sampler = gr.Dropdown(list(K_SAMPLERS), value=default.sampler, label="Sampler")
+            sampler = gr.Dropdown(list(SAMPLERS), value=default.sampler, label="Sampler")
             run = gr.Button("Run benchmark", variant="primary")
         message = gr.Markdown()
 
