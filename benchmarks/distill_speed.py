@@ -9,7 +9,7 @@ shared machine, `--rounds` runs the paths in turn several times and keeps each p
 - plain: what the official `kd_train_text_to_image.py` does each step: VAE encode and text encode,
   fp32 teacher under no_grad, student forward with hooks, backward, torch's default AdamW (a
   per-parameter loop on CPU), clipping, diffusers' EMAModel (per-parameter loop).
-- plain-fp32-kept-memory: the same with glibc told to keep freed memory (`core.keep_freed_memory`,
+- plain-fp32-kept-memory: the same with glibc told to keep freed memory (`speed.keep_freed_memory`,
   which our training processes apply on the CPU), to show how much of the gain is that setting.
 - fast-*: our `Distillation` + `fit`: freed memory kept (CPU), cached latents/text (built once,
   reported apart), teacher under inference_mode, fused AdamW, foreach EMA; variants in precision.
@@ -93,7 +93,7 @@ def run_path(name: str, args) -> dict:
                            cache_dir=str(tmp / "cache"), channels_last=False)
     if name.startswith("plain"):
         if name == "plain-fp32-kept-memory":
-            from bksdm_ext.train.core import keep_freed_memory
+            from bksdm_ext.train.speed import keep_freed_memory
 
             keep_freed_memory()
         result = plain(config, parts, args.steps)
@@ -108,7 +108,7 @@ def plain(config, parts, steps: int) -> dict:
     import torch
 
     from bksdm_ext.student import build_student
-    from bksdm_ext.train.core import PhaseTimer
+    from bksdm_ext.train.speed import PhaseTimer
     from bksdm_ext.train.data import CaptionedImages, read_metadata
     from bksdm_ext.train.losses import distill_loss, feature_taps
 
@@ -175,7 +175,7 @@ def plain(config, parts, steps: int) -> dict:
 def fast(config, parts, tmp: Path, steps: int) -> dict:
     """Our training code as a job runs it, minus loading from disk."""
     from bksdm_ext.train import distill
-    from bksdm_ext.train.core import Job, fit
+    from bksdm_ext.train.loop import Job, fit
     from bksdm_ext.train.data import Batches, read_metadata
 
     job = Job(config, tmp / "job")
