@@ -17,6 +17,8 @@ NEEDS = (
     ("peft", (0, 7, 0), (0, 13, 2), "peft==0.13.2"),
     # TensorBoard events of training jobs without tensorboard itself (needs protobuf >= 3.20, numpy, packaging)
     ("tensorboardX", (2, 6, 0), (99, 0, 0), "tensorboardX==2.6.5"),
+    # the Models view's MAC counts (pure Python over torch)
+    ("thop", (0, 1, 1), (99, 0, 0), "thop==0.1.1.post2209072238"),
     # diffusers' metadata requires these (it imports them only on old Pythons): keeps `pip check` clean
     ("importlib_metadata", (4, 4, 0), (99, 0, 0), "importlib-metadata==8.5.0"),
     ("zipp", (3, 20, 0), (99, 0, 0), "zipp==3.21.0"),

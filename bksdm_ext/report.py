@@ -11,10 +11,12 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 from . import layouts
+from .errors import BKSDMError
 
 
 @dataclass(frozen=True)
@@ -33,18 +35,25 @@ def _inputs(version: layouts.Version, latent: int, device="cpu"):
 
 
 def layout_costs(version: str = "v1", latent: int = 64) -> list[LayoutCost]:
-    import thop
+    return [layout_cost(name, version, latent) for name in layouts.LAYOUTS]
+
+
+@lru_cache(maxsize=None)
+def layout_cost(layout: str, version: str = "v1", latent: int = 64) -> LayoutCost:
+    """One layout's U-Net size and MACs; counted once per process (thop takes seconds per U-Net)."""
+    try:
+        import thop
+    except ImportError:
+        raise BKSDMError("Counting MACs needs thop: `pip install thop` (the WebUI's start installs it through "
+                         "this extension's install.py).") from None
     from diffusers import UNet2DConditionModel
 
     v = layouts.get_version(version)
-    costs = []
-    for name in layouts.LAYOUTS:
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**layouts.unet_config(name, v))
-        macs, _ = thop.profile(unet, inputs=_inputs(v, latent, "meta"), verbose=False)  # its counters: CPU
-        _remove_thop_buffers(unet)
-        costs.append(LayoutCost(name, sum(p.numel() for p in unet.parameters()), macs))
-    return costs
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**layouts.unet_config(layout, v))
+    macs, _ = thop.profile(unet, inputs=_inputs(v, latent, "meta"), verbose=False)  # its counters: CPU
+    _remove_thop_buffers(unet)
+    return LayoutCost(layout, sum(p.numel() for p in unet.parameters()), macs)
 
 
 def _remove_thop_buffers(model: torch.nn.Module) -> None:

@@ -107,3 +107,16 @@ def test_webui_sampler_names_of_every_version_group_together():
     assert sampler_and_schedule("DPM++ 2M SDE Exponential") == ("DPM++ 2M SDE", "Exponential")
     assert sampler_and_schedule("Euler a") == ("Euler a", "")
     assert sampler_and_schedule("Euler", "Automatic") == ("Euler", "Automatic")
+
+
+def test_the_schedule_recorded_is_the_one_the_infotext_shows():
+    from bksdm_ext.timings.protocol import schedule_as_run
+
+    # 1.9+: the UI asks for "Automatic"; DPM++ 2M then runs Karras and the WebUI writes that down
+    assert schedule_as_run("DPM++ 2M", "Automatic", {"Schedule type": "Karras"}) == ("DPM++ 2M", "Karras")
+    assert schedule_as_run("Euler", "Automatic", {}) == ("Euler", "Automatic")  # no schedule of its own
+    assert schedule_as_run("DPM++ 2M", "Exponential", {"Schedule type": "Exponential"}) == ("DPM++ 2M", "Exponential")
+    # 1.6-1.8: folded into the sampler's name, unless the k_sched_type setting overrides it
+    assert schedule_as_run("DPM++ 2M Karras", None, {}) == ("DPM++ 2M", "Karras")
+    assert schedule_as_run("DPM++ 2M Karras", None, {"Schedule type": "exponential"}) == ("DPM++ 2M", "Exponential")
+    assert schedule_as_run("Euler a", None, {}) == ("Euler a", "")

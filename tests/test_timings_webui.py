@@ -53,6 +53,9 @@ class TimingsE2EHelper(scripts.Script):
 """
 
 
+STARTUP_ANSWERS: list[dict] = []  # GET /bksdm/v1/model from the server's first answer until its model loaded
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,6 +106,11 @@ def webui(tmp_path_factory):
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"the WebUI did not start; see {data / 'webui.log'}")
                 time.sleep(2)
+        while True:  # what the model route says until the start-up model is there
+            STARTUP_ANSWERS.append(_call(f"{base}/bksdm/v1/model", timeout=30))
+            if STARTUP_ANSWERS[-1]["state"] != "loading" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         yield base, data / "bksdm" / "timings.sqlite3"
     finally:
         server.terminate()
@@ -174,6 +182,24 @@ def test_a_nested_generation_is_recorded_on_its_own_and_a_dead_one_not_at_all(we
     assert inner.total_s < outer.total_s  # the inner run happened inside the outer one
     for row in (inner, outer):
         assert row.sampling_s + row.vae_decode_s <= row.total_s
+
+
+def test_a_ui_style_generation_records_the_schedule_its_infotext_shows(webui):
+    base, db = webui
+    before = len(_rows(db))
+    # what the UI sends: the sampler, and "Automatic" as the schedule (DPM++ 2M then runs its own, Karras)
+    result = _call(f"{base}/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
+                                                "sampler_name": "DPM++ 2M", "scheduler": "Automatic"})
+    infotext = json.loads(result["info"])["infotexts"][0]
+    shown = dict(part.split(": ", 1) for part in infotext.splitlines()[-1].split(", ") if ": " in part)
+    row = _rows(db)[before]
+    assert (row.sampler, row.schedule) == (shown["Sampler"], shown["Schedule type"]) == ("DPM++ 2M", "Karras")
+
+
+def test_the_model_route_said_loading_until_the_start_up_model_was_there(webui):
+    states = [answer["state"] for answer in STARTUP_ANSWERS]
+    assert states[-1] == "loaded" and "loading" in states and "none" not in states, states
+    assert all(a["loading"] for a in STARTUP_ANSWERS if a["state"] == "loading")
 
 
 def _titles(base):

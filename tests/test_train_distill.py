@@ -258,14 +258,18 @@ def test_single_file_output_loads_strictly_into_the_ldm_unet_from_our_yaml(tmp_p
 
     data = write_images(tmp_path / "data", 2)
     job = tmp_path / "job"
-    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), layout="tiny",
+    models = tmp_path / "models" / "Stable-diffusion"  # the WebUI's models folder as output_dir
+    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), layout="tiny", output_dir=str(models),
                            **small_settings(max_steps=1, sample_every=1, sample_steps=2, sample_prompts=["a cat"],
                                             checkpoint_every=1))
     assert distill.train(config, job) == "done"
     state = progress(job) if (job / "progress.json").exists() else {}
     assert state["state"] == "done" and state["step"] == 1
     assert (job / "samples" / "teacher-0.png").is_file() and (job / "samples" / "step-000001-0.png").is_file()
-    single = job / "output" / "bk-sdm-tiny.safetensors"
+    # only the single file and its yaml in the models folder; the diffusers copy stays in the job folder
+    assert sorted(p.name for p in models.iterdir()) == ["bk-sdm-tiny.safetensors", "bk-sdm-tiny.yaml"]
+    assert (job / "output" / "bk-sdm-tiny" / "model_index.json").is_file()
+    single = models / "bk-sdm-tiny.safetensors"
     params = yaml.safe_load(single.with_suffix(".yaml").read_text())["model"]["params"]["unet_config"]
     assert params["params"] == {**layouts.ldm_unet_params_from_config(tiny_unet_config("tiny")),
                                 **{k: params["params"][k] for k in ("use_checkpoint",)}}

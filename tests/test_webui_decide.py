@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from bksdm_ext import layouts
 from bksdm_ext.errors import BKSDMError
 from bksdm_ext.ldm_config import config_path
-from bksdm_ext.webui.decide import UNET_PREFIX, check, decide, header_tensors, is_bk_candidate, key_check
+from bksdm_ext.webui.decide import (UNET_PREFIX, check, decide, header_tensors, is_bk_candidate, key_check,
+                                    not_a_checkpoint)
 
 OTHER_PARTS = {
     "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
@@ -42,7 +43,17 @@ def test_standard_checkpoints_pass_through_to_the_webui():
     assert not is_bk_candidate(checkpoint("small", extra={"conditioner.embedders.0.x": torch.empty(1)}))
     inpaint = checkpoint("small", extra={UNET_PREFIX + "input_blocks.0.0.weight": torch.empty(320, 9, 3, 3)})
     assert decide(inpaint) is None
-    assert decide({"foo": torch.empty(1)}) is None
+
+
+def test_only_files_the_webui_cannot_use_are_named_not_a_checkpoint():
+    assert not_a_checkpoint(checkpoint("teacher")) is None
+    no_vae = {k: v for k, v in checkpoint("teacher").items() if not k.startswith("first_stage_model.")}
+    assert not_a_checkpoint(no_vae) is None  # usable with a separate VAE
+    sdxl = {UNET_PREFIX + "input_blocks.0.0.weight": torch.empty(1), "conditioner.embedders.0.x": torch.empty(1)}
+    assert not_a_checkpoint(sdxl) is None
+    assert "no Stable Diffusion U-Net" in not_a_checkpoint({"foo": torch.empty(1)})
+    with pytest.raises(BKSDMError, match="U-Net-only"):
+        decide({k: v for k, v in checkpoint("teacher").items() if k.startswith(UNET_PREFIX)})
 
 
 @pytest.mark.parametrize("layout", layouts.STUDENTS)

@@ -297,6 +297,43 @@ def test_broken_bk_file_is_refused_and_the_previous_model_still_generates(webui,
     assert webui.get("/bksdm/v1/model")["loaded"]["layout"] == "base"
 
 
+def _infotext(result: dict) -> str:
+    return json.loads(result["info"])["infotexts"][0]
+
+
+NOT_CHECKPOINTS = {  # file: (tensors it holds, what the refusal says)
+    "unet-only": ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+                   "model.diffusion_model.input_blocks.11.0.in_layers.0.weight": (1280,),
+                   "model.diffusion_model.middle_block.1.proj_in.weight": (1280, 1280, 1, 1)}, "U-Net-only file"),
+    "vae-only": ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}, "VAE only"),
+    "a-lora": ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": (4, 320),
+                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": (320, 4)}, "is a LoRA"),
+}
+
+
+def test_files_that_are_no_checkpoints_are_refused_and_the_previous_model_still_generates(webui):
+    import torch
+    from safetensors.torch import save_file
+
+    folder = WORK / "data-main" / "models" / "Stable-diffusion" / "not-checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (tensors, _) in NOT_CHECKPOINTS.items():
+        save_file({k: torch.zeros(shape) for k, shape in tensors.items()}, str(folder / f"{name}.safetensors"))
+    webui.post("/sdapi/v1/refresh-checkpoints")
+    try:
+        webui.switch("tiny-v1")
+        for name, (_, message) in NOT_CHECKPOINTS.items():
+            webui.post("/sdapi/v1/options", {"sd_model_checkpoint": webui.titles()[name]})
+            report = webui.get("/bksdm/v1/model")
+            assert report["state"] == "loaded" and report["loaded"]["layout"] == "tiny", (name, report)
+            assert message in report["last_refusal"]["message"], (name, report["last_refusal"])
+            assert webui.get("/sdapi/v1/options")["sd_model_checkpoint"] == webui.titles()["tiny-v1"]
+            assert "BK-SDM: tiny (v1)" in _infotext(webui.txt2img())
+    finally:
+        shutil.rmtree(folder)
+        webui.post("/sdapi/v1/refresh-checkpoints")
+
+
 def test_switching_to_standard_sd_and_back(webui):
     webui.switch("small-v1")
     sd = webui.switch("sd1-teacher")["loaded"]
@@ -305,6 +342,25 @@ def test_switching_to_standard_sd_and_back(webui):
     back = webui.switch("small-v1")["loaded"]
     assert back["layout"] == "small" and back["keys"]["missing"] == []
     assert webui.post("/bksdm/v1/model/verify")["max_abs_diff"] <= 1e-4
+
+
+def test_the_models_view_lists_each_bk_checkpoint_with_its_costs_and_speed(webui):
+    for name in ("sd1-teacher", "small-v1"):  # one measured generation each, under the same condition
+        webui.switch(name)
+        webui.txt2img()
+    rows = {row["checkpoint"]: row for row in webui.get("/bksdm/v1/models")}
+    titles = webui.titles()
+    assert {titles[name] for name in BK_FILES} | {titles["missing-tensor-small"]} <= set(rows)
+    assert titles["sd1-teacher"] not in rows and titles["truncated-small"] not in rows  # SD itself; unreadable
+    for name, (layout, version) in BK_FILES.items():
+        row = rows[titles[name]]
+        assert (row["layout"], row["version"]) == (layout, version)
+        assert 0.3 < row["parameter_ratio"] < 1 and 0.4 < row["macs_ratio"] < 1, row
+    small = rows[titles["small-v1"]]
+    assert small["unet_parameters"] == 482_346_884  # BK-SDM-Small's U-Net, counted from the file's header
+    assert small["s_per_image"] > 0 and "DPM++ 2M Karras, 2 steps, 64x64" in small["measured"]
+    assert small["speedup"] > 0  # against sd1-teacher under the same condition
+    assert "1 missing" in rows[titles["missing-tensor-small"]]["problem"]
 
 
 def test_the_tab_is_in_the_ui(webui):
@@ -359,6 +415,36 @@ def test_a_distill_job_runs_through_the_api_while_the_webui_keeps_answering(webu
     assert slowest < 10, f"the WebUI took {slowest:.1f} s to answer while the job ran"
     webui.post("/sdapi/v1/refresh-checkpoints")
     assert "e2e-tiny-student" in webui.titles()
+
+
+def test_after_two_jobs_the_list_holds_checkpoints_only_and_the_users_selection_stays(webui, tmp_path):
+    from jobs_helpers import tiny_distill_values, write_tiny_dataset
+    from tiny import write_tiny_pipeline
+
+    models = WORK / "data-main" / "models" / "Stable-diffusion"
+    webui.switch("base-v1")  # the user's pick; the WebUI was started with --ckpt small-v1
+    teacher, data = write_tiny_pipeline(tmp_path / "teacher"), write_tiny_dataset(tmp_path / "data")
+    jobs = []
+    for index in (1, 2):
+        values = tiny_distill_values(teacher, data, steps=2)
+        values.update(output_dir=str(models / "BK-SDM"), output_name=f"e2e-list-{index}")
+        jobs.append(webui.post("/bksdm/v1/jobs", {"kind": "distill", "config": values}))
+    deadline = time.time() + 900
+    for job in jobs:
+        while (state := webui.get(f"/bksdm/v1/jobs/{job['id']}"))["state"] not in ("done", "failed", "cancelled"):
+            assert time.time() < deadline, state
+            time.sleep(2)
+        assert state["state"] == "done", state
+        assert (Path(state["folder"]) / "output" / f"e2e-list-{jobs.index(job) + 1}" / "model_index.json").is_file()
+    webui.post("/sdapi/v1/refresh-checkpoints")  # what the tab does when a job ends (javascript/bksdm.js)
+    listed = [Path(m["filename"]) for m in webui.get("/sdapi/v1/sd-models")]
+    assert {"e2e-list-1", "e2e-list-2"} <= {path.stem for path in listed}
+    assert not list(models.rglob("model_index.json"))  # no diffusers copy in the models folder
+    assert all(path.suffix == ".safetensors" and path.stem != "diffusion_pytorch_model" for path in listed)
+    # the selection did not move: the next generation runs the user's checkpoint
+    assert webui.get("/sdapi/v1/options")["sd_model_checkpoint"] == webui.titles()["base-v1"]
+    infotext = _infotext(webui.txt2img())
+    assert "Model: base-v1," in infotext and "BK-SDM: base (v1)" in infotext
 
 
 def test_diffusers_named_lora_lands_on_the_bk_block(webui):

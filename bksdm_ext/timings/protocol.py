@@ -59,3 +59,19 @@ def sampler_and_schedule(sampler: str, schedule: str = "") -> tuple[str, str]:
             if sampler.endswith(" " + suffix):
                 return sampler[: -len(suffix) - 1], suffix
     return sampler, schedule
+
+
+def schedule_as_run(sampler: str, scheduler: str | None, extra_params: dict) -> tuple[str, str]:
+    """(sampler, schedule) as a WebUI generation's infotext tells them, in the 1.9+ form.
+
+    The scheduler asked for (the UI's "Automatic") is not always the one used: the WebUI writes the one
+    its sampler really ran with into `extra_generation_params["Schedule type"]` (1.9+: the sampler's own
+    schedule behind "Automatic"; 1.6-1.8: the `k_sched_type` setting when it overrides), and that entry is
+    what the infotext shows. Otherwise 1.9+ shows the scheduler asked for and 1.6-1.8 fold the schedule
+    into the sampler's name ("DPM++ 2M Karras").
+    """
+    sampler, folded = sampler_and_schedule(sampler)
+    schedule = str((extra_params or {}).get("Schedule type") or scheduler or folded or "")
+    if schedule.islower():  # 1.6-1.8's k_sched_type values ("karras") against 1.9+'s labels ("Karras")
+        schedule = schedule[:1].upper() + schedule[1:]
+    return sampler, schedule

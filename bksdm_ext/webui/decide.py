@@ -82,9 +82,45 @@ def is_bk_candidate(state_dict) -> bool:
     return not is_sd
 
 
+_LORA_MARKS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", "_lora.down.", ".hada_w1_", ".lokr_w1", ".oft_")
+_VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.")
+_TEXT_ENCODERS = ("cond_stage_model.", "conditioner.")
+
+
+def not_a_checkpoint(state_dict) -> str | None:
+    """Why a file in the checkpoint list is not a whole WebUI checkpoint (None when it is one).
+
+    The WebUI would try such a file anyway: a LoRA or VAE fails after the loaded model is gone, and a
+    U-Net without a text encoder makes transformers 4.30 fetch CLIP weights from the hub (offline: no
+    model at all). Only files the WebUI cannot use are named here; a checkpoint without a VAE is still
+    usable with a separate VAE."""
+    keys = list(state_dict)
+    if any(k.startswith(UNET_PREFIX) for k in keys):
+        has_sd_unet = any(k.startswith(UNET_PREFIX + "input_blocks.") for k in keys)
+        if has_sd_unet and not any(k.startswith(_TEXT_ENCODERS) for k in keys):
+            return ("This file holds a U-Net but no text encoder: it is a U-Net-only file, not a checkpoint. "
+                    "Pick a whole checkpoint, or convert the whole diffusers folder (unet/, vae/, text_encoder/) "
+                    "with `bksdm convert`.")
+        return None
+    if any(mark in k or k.startswith(("lora_", "lycoris_")) for k in keys for mark in _LORA_MARKS):
+        return ("This file is a LoRA, not a checkpoint: move it to models/Lora and use it in the prompt "
+                "as <lora:NAME:1>.")
+    if keys and all(k.startswith(_VAE_ROOTS) for k in keys):
+        return ("This file is a VAE only, not a checkpoint: move it to models/VAE and pick it under "
+                "Settings > Stable Diffusion > SD VAE.")
+    if any(k.startswith(("conv_in.", "down_blocks.")) for k in keys):
+        return ("This file is a U-Net in diffusers naming (a diffusers folder's unet/ file), not a checkpoint: "
+                "convert the whole diffusers folder with `bksdm convert`.")
+    return ("This file holds no Stable Diffusion U-Net (no model.diffusion_model.* tensors): it is not a "
+            "checkpoint. Move it out of the checkpoint folder.")
+
+
 def check(state_dict) -> detect.UNetDetection | None:
     """The detected BK layout of a WebUI checkpoint, None for anything the WebUI loads itself, or a
     BKSDMError saying why the WebUI must not load it. Works on shapes alone (meta tensors)."""
+    problem = not_a_checkpoint(state_dict)
+    if problem:
+        raise BKSDMError(problem)
     if not is_bk_candidate(state_dict):
         return None
     detection = detect.detect_unet(state_dict)

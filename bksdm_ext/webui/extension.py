@@ -9,7 +9,7 @@ from pathlib import Path
 from modules import script_callbacks, sd_models, shared
 
 from .. import layouts
-from . import loader
+from . import checkpoints, loader
 from .decide import positional_conflicts
 from .lora_names import lora_key_to_ldm
 
@@ -200,6 +200,7 @@ def setup() -> None:
     from . import timings
 
     loader.install()
+    checkpoints.install()
     timings.install()
     patch_lora_names()
     script_callbacks.on_model_loaded(patch_lora_names)

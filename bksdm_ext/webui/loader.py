@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from modules import sd_models, sd_models_config
@@ -49,6 +50,15 @@ class _State:
     def __init__(self):
         self.local = threading.local()
         self.last_refusal: dict | None = None
+        self.loading: str | None = None  # the title of the checkpoint being loaded, while it loads
+
+    @contextmanager
+    def loading_of(self, checkpoint_info):
+        outer, self.loading = self.loading, getattr(checkpoint_info, "title", None) or str(checkpoint_info)
+        try:
+            yield
+        finally:
+            self.loading = outer  # reload_model_weights calls load_model: the outer load is not over yet
 
 
 state = _State()
@@ -134,16 +144,23 @@ def _info(checkpoint_info, decision: Decision | None, keys, config) -> LoadedInf
 
 def _reload_with_preflight(original):
     def reload_model_weights(sd_model=None, info=None, *args, **kwargs):
-        preflight(info or sd_models.select_checkpoint())
-        return original(sd_model, info, *args, **kwargs)
+        chosen = info or sd_models.select_checkpoint()
+        preflight(chosen)
+        loaded = sd_model or sd_models.model_data.sd_model
+        if getattr(loaded, "sd_model_checkpoint", None) == getattr(chosen, "filename", None):
+            return original(sd_model, info, *args, **kwargs)  # the usual case: before every generation
+        with state.loading_of(chosen):
+            return original(sd_model, info, *args, **kwargs)
 
     return reload_model_weights
 
 
 def _load_with_preflight(original):
     def load_model(checkpoint_info=None, *args, **kwargs):
-        preflight(checkpoint_info or sd_models.select_checkpoint())
-        return original(checkpoint_info, *args, **kwargs)
+        chosen = checkpoint_info or sd_models.select_checkpoint()
+        preflight(chosen)
+        with state.loading_of(chosen):
+            return original(checkpoint_info, *args, **kwargs)
 
     return load_model
 
@@ -170,6 +187,20 @@ def loaded_layout() -> str | None:
     """The BK layout of the loaded model, None for other models (cheap: per LoRA key, per step)."""
     info = getattr(sd_models.model_data.sd_model, "bksdm_info", None)
     return info.layout if info is not None else None
+
+
+def loading() -> str | None:
+    """The title of the checkpoint the WebUI is loading now, None when it is not loading one. The start-up
+    load runs in a thread that holds `model_data.lock` from before it calls `load_model`."""
+    if state.loading:
+        return state.loading
+    data = sd_models.model_data
+    lock = getattr(data, "lock", None)
+    if data.sd_model is None and lock is not None and lock.locked():
+        from modules import shared
+
+        return shared.opts.data.get("sd_model_checkpoint") or "the start-up checkpoint"
+    return None
 
 
 def loaded_info() -> dict | None:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from .. import layouts
 from ..errors import BKSDMError
 from ..jobs.api import http_answer
-from .loader import loaded_info, state
+from .loader import loaded_info, loading, state
 
 SUBFOLDER = "BK-SDM"  # under models/Stable-diffusion: the dropdown shows "BK-SDM/<name>"
 
@@ -22,8 +22,11 @@ def models_dir() -> Path:
 
 
 def model_report() -> dict:
-    """GET /bksdm/v1/model: the loaded checkpoint's layout, version and key check."""
-    return {"loaded": loaded_info(), "last_refusal": state.last_refusal}
+    """GET /bksdm/v1/model: the loaded checkpoint's layout, version and key check, and whether a load is
+    under way (`state`: "loading", "loaded" or "none"; `loading`: the checkpoint being loaded)."""
+    title, info = loading(), loaded_info()
+    return {"state": "loading" if title else "loaded" if info else "none", "loading": title, "loaded": info,
+            "last_refusal": state.last_refusal}
 
 
 def import_checkpoint(source: str, name: str = "", half: bool = True) -> dict:
@@ -82,6 +85,15 @@ def verify_loaded_unet(seed: int = 0, latent: int = 8) -> dict:
             "max_abs_diff": (ours - theirs).abs().max().item(), "output_std": theirs.std().item()}
 
 
+def models_view_rows() -> list[dict]:
+    """GET /bksdm/v1/models: the Models view, each BK checkpoint of the list with its costs and speed."""
+    from . import timings
+    from .models_view import models_view
+
+    listed = [(info.title, info.filename) for info in sd_models.checkpoints_list.values()]
+    return [row.as_dict() for row in models_view(listed, timings.open_store().records())]
+
+
 class ImportRequest(BaseModel):
     source: str
     name: str = ""
@@ -91,6 +103,7 @@ class ImportRequest(BaseModel):
 def routes(app, guard) -> None:
     """/bksdm/v1/model… on the WebUI's FastAPI app."""
     app.add_api_route("/bksdm/v1/model", lambda: model_report(), methods=["GET"], tags=["BK-SDM"])
+    app.add_api_route("/bksdm/v1/models", lambda: http_answer(models_view_rows), methods=["GET"], tags=["BK-SDM"])
     app.add_api_route("/bksdm/v1/model/verify", lambda: http_answer(verify_loaded_unet), methods=["POST"],
                       tags=["BK-SDM"])
 

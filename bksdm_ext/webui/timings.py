@@ -27,7 +27,7 @@ from modules import devices, script_callbacks, shared
 from ..errors import BKSDMError
 from ..timings import stats
 from ..timings.device import describe_cached
-from ..timings.protocol import Protocol, sampler_and_schedule
+from ..timings.protocol import Protocol, schedule_as_run
 from ..timings.recorder import GenerationRecorder, RecorderSlot
 from ..timings.store import GenerationRecord, TimingStore, new_record_id
 
@@ -209,7 +209,8 @@ def generation_fields(p, generation: _Generation) -> dict:
     img2img = hasattr(p, "init_images")
     hires = bool(getattr(p, "enable_hr", False))
     checkpoint_info = getattr(sd_model, "sd_checkpoint_info", None)
-    sampler, schedule = sampler_and_schedule(p.sampler_name or "", str(getattr(p, "scheduler", "") or ""))
+    sampler, schedule = schedule_as_run(p.sampler_name or "", getattr(p, "scheduler", None),
+                                        getattr(p, "extra_generation_params", None) or {})
     return dict(
         record_id=generation.record_id, source=generation.source, run_id=generation.run_id,
         checkpoint=p.sd_model_name or getattr(checkpoint_info, "name_for_extra", "") or "",
