@@ -33,12 +33,12 @@ class TrainConfig(JobConfig):
     """What every training job shares: optimiser, precision, speed switches, checkpoints, samples."""
 
     resolution: int = setting(512, "Training image side in pixels (images are resized on the shorter side, then "
-                                   "cropped).", label="Resolution", group="Data", min=64, max=2048, multiple_of=8)
+                                   "cropped).", label="Resolution (px)", group="Data", min=64, max=2048, multiple_of=8)
     train_batch_size: int = setting(64, "Images per step on each device.", label="Batch size", group="Recipe",
                                     min=1, max=4096)
     gradient_accumulation_steps: int = setting(4, "Steps whose gradients are summed before one optimiser update.",
                                                label="Gradient accumulation", group="Recipe", min=1, max=4096)
-    max_steps: int = setting(50_000, "Optimiser updates to train for.", label="Steps", group="Recipe", min=1,
+    max_steps: int = setting(50_000, "Optimiser updates to train for.", label="Steps (optimiser updates)", group="Recipe", min=1,
                              max=10**9)
     learning_rate: float = setting(5e-5, "AdamW learning rate (constant, no warm-up).", label="Learning rate",
                                    group="Recipe", min=0.0, max=1.0)
@@ -75,18 +75,18 @@ class TrainConfig(JobConfig):
     num_workers: int = setting(2, "Data-loading worker processes (0 = load in the training process).",
                                label="Data workers", group="Speed & memory", min=0, max=256)
     checkpoint_every: int = setting(1000, "Save a resumable checkpoint every N steps and at the end "
-                                          "(0 = never; cancelling always saves one).", label="Checkpoint every",
+                                          "(0 = never; cancelling always saves one).", label="Checkpoint every (steps)",
                                     group="Output", min=0)
     checkpoints_keep: int = setting(3, "Keep this many newest checkpoints (0 = keep all).", label="Checkpoints kept",
                                     group="Output", min=0)
-    sample_every: int = setting(1000, "Render validation images every N steps (0 = never).", label="Samples every",
+    sample_every: int = setting(1000, "Render validation images every N steps (0 = never).", label="Samples every (steps)",
                                 group="Output", min=0)
     sample_prompts: list = setting(DEFAULT_PROMPTS, "Fixed prompts of the validation images.",
                                    label="Sample prompts", group="Output", kind="prompt")
     sample_steps: int = setting(25, "Denoising steps of the validation images (PNDM).", label="Sample steps",
                                 group="Output", min=1, max=1000)
     log_every: int = setting(10, "Write losses and speed to the log and the progress file every N steps.",
-                             label="Log every", group="Output", min=1)
+                             label="Log every (steps)", group="Output", min=1)
     output_dir: str = setting("", "Where the finished model goes (empty = the job folder's output/).",
                               label="Output folder", group="Output", kind="folder")
     output_name: str = setting("", "File name (no extension) of the WebUI checkpoint (empty = from the job).",
@@ -193,21 +193,21 @@ class DreamBoothConfig(TrainConfig):
                                      advanced=True, min=0.0)
     # DreamBooth's own recipe (BKSDM.md §4) in place of the distillation one
     resolution: int = setting(512, "Training image side in pixels (random crop unless center_crop).",
-                              label="Resolution", group="Data", min=64, max=2048, multiple_of=8)
+                              label="Resolution (px)", group="Data", min=64, max=2048, multiple_of=8)
     train_batch_size: int = setting(1, "Instance images per step (with prior preservation, as many class images "
                                        "join).", label="Batch size", group="Recipe", min=1, max=4096)
     gradient_accumulation_steps: int = setting(1, "Steps whose gradients are summed before one optimiser update.",
                                                label="Gradient accumulation", group="Recipe", min=1, max=4096)
-    max_steps: int = setting(800, "Optimiser updates to train for.", label="Steps", group="Recipe", min=1, max=10**9)
+    max_steps: int = setting(800, "Optimiser updates to train for.", label="Steps (optimiser updates)", group="Recipe", min=1, max=10**9)
     learning_rate: float | None = setting(None, "Learning rate (empty = 1e-6 for full, 1e-4 for LoRA).",
                                           label="Learning rate", group="Recipe", min=0.0, max=1.0)
     center_crop: bool = setting(False, "Crop the center of each image (else a random crop).", label="Center crop",
                                 group="Data")
     random_flip: bool = setting(False, "Flip images horizontally at random.", label="Random flip", group="Data")
     checkpoint_every: int = setting(200, "Save a resumable checkpoint every N steps and at the end "
-                                         "(0 = never; cancelling always saves one).", label="Checkpoint every",
+                                         "(0 = never; cancelling always saves one).", label="Checkpoint every (steps)",
                                     group="Output", min=0)
-    sample_every: int = setting(200, "Render validation images every N steps (0 = never).", label="Samples every",
+    sample_every: int = setting(200, "Render validation images every N steps (0 = never).", label="Samples every (steps)",
                                 group="Output", min=0)
     sample_prompts: list = setting(("a sks dog in the snow", "a sks dog on the beach"),
                                    "Fixed prompts of the validation images.", label="Sample prompts", group="Output",
