@@ -340,3 +340,15 @@ def test_models_view_lists_bk_checkpoints_of_the_app(runner, tmp_path):
     tab = build_tab(context)
     table, message = handler(tab, "bksdm_models_refresh")(None)
     assert "No BK-SDM checkpoint" in table[0][0]
+
+
+def test_an_optional_number_left_empty_keeps_its_automatic_default(runner):
+    tab = build_tab(TabContext(runner, AccessGuard()))
+    box = by_id(tab, "bksdm_dreambooth_learning_rate")
+    assert isinstance(box, gr.Textbox) and box.value == ""
+    from bksdm_ext.ui.tab import form_values
+
+    lr = DreamBoothConfig.setting("learning_rate")
+    assert form_values([lr], [""]) == {} and DreamBoothConfig.from_dict(form_values([lr], [" 2e-6 "])).lr == 2e-6
+    with pytest.raises(BKSDMError, match="learning_rate must be a float"):
+        DreamBoothConfig.from_dict(form_values([lr], ["fast"]))

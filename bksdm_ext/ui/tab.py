@@ -111,11 +111,13 @@ def _component(field: Setting, kind: str, context: "TabContext") -> gr.component
         return gr.Dropdown(list(field.choices), value=field.default, label=label, info=field.help, elem_id=elem_id)
     if field.type == "bool":
         return gr.Checkbox(value=bool(field.default), label=label, info=field.help, elem_id=elem_id)
+    if field.type in ("int", "float") and field.default is None:  # empty means the default: a Number shows 0
+        return gr.Textbox(value="", label=label, info=field.help, elem_id=elem_id, placeholder="empty = automatic")
     if field.type in ("int", "float"):
         return gr.Number(value=field.default, label=label, info=field.help, elem_id=elem_id,
                          precision=0 if field.type == "int" else None)
     if field.type in ("list", "tuple"):
-        return gr.Textbox(value="\n".join(map(str, field.default or [])), label=label, lines=2, max_lines=8,
+        return gr.Textbox(value="\n".join(map(str, field.default or [])), label=label, lines=2, max_lines=3,
                           info=f"{field.help} One per line.", elem_id=elem_id)
     return gr.Textbox(value="" if field.default is None else str(field.default), label=label, info=field.help,
                       elem_id=elem_id)
@@ -178,9 +180,12 @@ def form_values(fields: list[Setting], raw: list[Any], sources: dict[str, str] |
     values: dict[str, Any] = {}
     for field, value in zip(fields, raw):
         if field.type in ("int", "float"):
-            if value is None or value == "":
+            if value is None or str(value).strip() == "":
                 continue
-            value = int(value) if field.type == "int" and float(value).is_integer() else value
+            if isinstance(value, str):  # an optional number's text box; from_dict says if it is no number
+                value = value.strip()
+            elif field.type == "int" and float(value).is_integer():
+                value = int(value)
         elif field.type in ("list", "tuple"):
             value = [line.strip() for line in str(value or "").splitlines() if line.strip()]
         elif field.kind == "model":
@@ -223,7 +228,7 @@ def _presets(context: TabContext, kind: Kind, cls: type, fields: list[Setting], 
                              elem_id=f"bksdm_{kind.name}_preset", scale=2)
         name = gr.Textbox(label="Save the recipe as", placeholder="my recipe", elem_id=f"bksdm_{kind.name}_preset_name",
                           scale=2)
-        save = gr.Button("Save preset", elem_id=f"bksdm_{kind.name}_preset_save", scale=1)
+        save = gr.Button("Save preset", elem_id=f"bksdm_{kind.name}_preset_save", scale=1, size="sm")
     about = gr.HTML(elem_id=f"bksdm_{kind.name}_preset_help")
     by_name = {f.name: i for i, f in enumerate(fields)}
 
@@ -273,7 +278,8 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
     check_out: list = []
     for group, everyday, advanced in form_groups(fields):
         with gr.Group(elem_id=f"bksdm_{kind.name}_group_{group.split()[0].lower()}"):
-            gr.HTML(f"<div class='bksdm-group' style='padding: 4px 10px; font-weight: 600'>{html.escape(group)}</div>")
+            if everyday:  # a group of advanced settings only is its accordion alone
+                gr.HTML(f"<div class='bksdm-group' style='padding: 4px 10px; font-weight: 600'>{html.escape(group)}</div>")
             _rows(context, everyday, components, kind.name)
             if data_name and group == "Data":
                 with gr.Row():
@@ -284,7 +290,7 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
                                     elem_id=f"bksdm_{kind.name}_thumbnails")
                 check_out = [check, report, thumbs]
             if advanced:
-                with gr.Accordion(f"More {group.lower()} settings", open=False,
+                with gr.Accordion(f"More {group.lower()} settings" if everyday else group, open=False,
                                   elem_id=f"bksdm_{kind.name}_more_{group.split()[0].lower()}"):
                     _rows(context, advanced, components, kind.name)
     ordered = [components[f.name] for f in fields]
@@ -335,8 +341,8 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
     return Form(launched, job_id)
 
 
-def _rows(context: TabContext, fields: list[Setting], components: dict, kind: str, per_row: int = 3) -> None:
-    """Fields three to a row: the form stays short enough to see the launch button."""
+def _rows(context: TabContext, fields: list[Setting], components: dict, kind: str, per_row: int = 4) -> None:
+    """Fields four to a row: with its accordions closed a form stays within two screens."""
     for start in range(0, len(fields), per_row):
         with gr.Row(equal_height=False):
             for field in fields[start:start + per_row]:
