@@ -115,13 +115,17 @@ def fill(page, field: str, value) -> None:
 
 
 def state_of(page) -> str:
-    cell = page.locator("#bksdm_state")
-    return cell.inner_text() if cell.count() else ""
+    try:  # the status is redrawn every 2 s: an element seen may be gone when read
+        return page.locator("#bksdm_state").first.inner_text(timeout=2000)
+    except Exception:
+        return ""
 
 
 def fraction(page) -> float:
-    bar = page.locator("#bksdm_progress_fill")
-    return float(bar.get_attribute("data-fraction")) if bar.count() else 0.0
+    try:
+        return float(page.locator("#bksdm_progress_fill").first.get_attribute("data-fraction", timeout=2000))
+    except Exception:
+        return 0.0
 
 
 def wait_page(predicate, timeout: float, what: str, page) -> None:
@@ -183,7 +187,7 @@ def test_distill_from_the_browser(browser, app, tiny_pipeline_v1, tmp_path):
 
     page.locator("button", has_text="Jobs").first.click()
     # the Jobs view follows the job just launched; while it runs, Delete is off and Cancel on
-    wait_page(lambda: job_id in page.locator("#bksdm_status").inner_text(), 30, "the launched job selected", page)
+    wait_page(lambda: job_id in page.locator("#bksdm_status .bksdm-status").inner_text(), 30, "the launched job selected", page)
     wait_page(lambda: state_of(page) == "running", 120, "running", page)
     assert page.locator("#bksdm_delete").is_disabled() and page.locator("#bksdm_cancel").is_enabled()
     log = page.locator("#bksdm_log textarea")
