@@ -45,7 +45,7 @@ def app(tmp_path):
                 return False
 
         wait_until(up, 120, "bksdm app to answer")
-        yield url
+        yield url, tmp_path / "data"
     finally:
         for job_dir in (tmp_path / "data" / "jobs").glob("*"):
             (job_dir / "cancel").touch()
@@ -71,6 +71,35 @@ STEPS = 120
 DROPDOWNS = {"layout", "mixed_precision", "optimizer"}  # the config fields with `choices`
 
 
+def raw_names() -> set[str]:
+    from bksdm_ext import kinds
+
+    return {n for kind in kinds.all().values() for s in kind.config_class().settings()
+            for n in (s.name, s.name.replace("_", " "))}
+
+
+def visible_labels(page) -> set[str]:
+    """The labels, headings and button texts a person sees on the page."""
+    texts = page.locator("[data-testid=block-info], .bksdm-group, button, label span").all_inner_texts()
+    return {t.strip() for t in texts if t.strip()}
+
+
+def check_form_height(page, kind: str, viewport_height: int, artifacts: Path) -> float:
+    """With every accordion closed, the form is at most two viewports high; a screenshot of it is kept."""
+    page.locator(f"#bksdm_tab_{kind}").wait_for()
+    box = page.locator(f"#bksdm_tab_{kind}").bounding_box()
+    artifacts.mkdir(exist_ok=True)
+    page.screenshot(path=str(artifacts / f"bksdm-form-{kind}.png"), full_page=True)
+    assert box["height"] <= 2 * viewport_height, f"the {kind} form is {box['height']:.0f} px high"
+    return box["height"]
+
+
+def pick(page, elem_id: str, value: str) -> None:
+    """Choose `value` in a gradio dropdown, the way a user does."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.locator(f"ul.options li[data-value='{value}']").first.click()
+
+
 def fill(page, field: str, value) -> None:
     """Set one Distill form field the way a user does."""
     root = page.locator(f"#bksdm_distill_{field}")
@@ -86,13 +115,17 @@ def fill(page, field: str, value) -> None:
 
 
 def state_of(page) -> str:
-    cell = page.locator("#bksdm_state")
-    return cell.inner_text() if cell.count() else ""
+    try:  # the status is redrawn every 2 s: an element seen may be gone when read
+        return page.locator("#bksdm_state").first.inner_text(timeout=2000)
+    except Exception:
+        return ""
 
 
 def fraction(page) -> float:
-    bar = page.locator("#bksdm_progress_fill")
-    return float(bar.get_attribute("data-fraction")) if bar.count() else 0.0
+    try:
+        return float(page.locator("#bksdm_progress_fill").first.get_attribute("data-fraction", timeout=2000))
+    except Exception:
+        return 0.0
 
 
 def wait_page(predicate, timeout: float, what: str, page) -> None:
@@ -107,23 +140,56 @@ def wait_page(predicate, timeout: float, what: str, page) -> None:
 
 
 def test_distill_from_the_browser(browser, app, tiny_pipeline_v1, tmp_path):
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.goto(app)
+    url, data_dir = app
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    page.goto(url)
     page.locator("#bksdm_distill_teacher").wait_for()
+    # the forms: short with their accordions closed, and labelled for people
+    for kind in ("distill", "dreambooth", "convert"):
+        page.locator("#bksdm_tabs button", has_text={"distill": "Distill", "dreambooth": "DreamBooth",
+                                                    "convert": "Import / Convert"}[kind]).first.click()
+        check_form_height(page, kind, 768, ARTIFACTS)
+        assert visible_labels(page) & raw_names() == set()
+    page.locator("#bksdm_tabs button", has_text="Distill").first.click()
+
+    # the Quick test preset in one choice
+    pick(page, "bksdm_distill_preset", "Quick test")
+    wait_page(lambda: page.locator("#bksdm_distill_max_steps input").input_value() == "64", 30, "the preset", page)
+    assert "Quick test" in page.locator("#bksdm_distill_preset_help").first.inner_text()
+
+    # the teacher from the list of known models (refreshed after it appeared), the data checked
+    (data_dir / "models").mkdir(parents=True, exist_ok=True)
+    (data_dir / "models" / "tiny-teacher").symlink_to(tiny_pipeline_v1, target_is_directory=True)
+    page.locator("#bksdm_distill_teacher_refresh").click()
+    page.wait_for_timeout(1000)
+    pick(page, "bksdm_distill_teacher", "models/tiny-teacher")
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    fill(page, "data", str(dataset))
+    page.locator("#bksdm_distill_check").click()
+    report = page.locator("#bksdm_distill_check_result").first
+    wait_page(lambda: "4 images with captions" in report.inner_text(), 30, "the data check", page)
+    wait_page(lambda: page.locator("#bksdm_distill_thumbnails img").count() == 4, 30, "the thumbnails", page)
 
     # enough steps that a person (and this test) can watch it and cancel it midway on a fast machine
-    values = tiny_distill_values(tiny_pipeline_v1, write_tiny_dataset(tmp_path / "dataset"), steps=STEPS)
+    values = tiny_distill_values(tiny_pipeline_v1, dataset, steps=STEPS)
     values["checkpoint_every"] = 20
-    page.locator("#bksdm_distill_more").get_by_text("Training recipe").click()  # the recipe fields live in a closed accordion
+    del values["teacher"], values["data"]
+    for accordion in page.locator("#bksdm_tab_distill .label-wrap").all():  # the advanced settings
+        accordion.click()
     for field, value in values.items():
         fill(page, field, value)
     page.locator("#bksdm_launch_distill").click()
     result = page.locator("#bksdm_launch_result_distill .bksdm-message")
     wait_page(lambda: result.count() and ("is running" in result.inner_text() or "is queued" in result.inner_text()), 60,
               "the launch", page)
-    assert "refused" not in result.inner_text()
+    assert "refused" not in result.inner_text() and "4 images with captions" in result.inner_text()
+    job_id = result.inner_text().split("Job ")[1].split(" ")[0]
 
     page.locator("button", has_text="Jobs").first.click()
+    # the Jobs view follows the job just launched; while it runs, Delete is off and Cancel on
+    wait_page(lambda: job_id in page.locator("#bksdm_status .bksdm-status").inner_text(), 30, "the launched job selected", page)
+    wait_page(lambda: state_of(page) == "running", 120, "running", page)
+    assert page.locator("#bksdm_delete").is_disabled() and page.locator("#bksdm_cancel").is_enabled()
     log = page.locator("#bksdm_log textarea")
     wait_page(lambda: fraction(page) > 0 and f"step 1/{STEPS}" in log.input_value(), 180, "the first steps", page)
     first, first_log = fraction(page), log.input_value()
@@ -143,6 +209,10 @@ def test_distill_from_the_browser(browser, app, tiny_pipeline_v1, tmp_path):
     # the loss chart drew its lines, the gallery shows sample images
     wait_page(lambda: page.locator("#bksdm_loss_plot canvas, #bksdm_loss_plot svg").count() > 0, 30, "the chart", page)
     wait_page(lambda: page.locator("#bksdm_samples img").count() > 0, 30, "the samples", page)
+    gallery = page.locator("#bksdm_samples").inner_text()
+    assert "teacher: a photo of a square" in gallery and f"step {STEPS}: a photo of a square" in gallery
+    assert page.locator("#bksdm_resume").is_disabled() and page.locator("#bksdm_delete").is_enabled()
+    assert page.locator("#bksdm_use").count() == 0 or not page.locator("#bksdm_use").is_visible()  # no txt2img here
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "bksdm-app-done.png"), full_page=True)
 

@@ -28,7 +28,7 @@ def test_form_shows_the_kind_own_settings_first_with_help_and_choices():
     fields = {f.name: f for f in form_fields(DistillConfig)}
     names = list(fields)
     assert names[:3] == ["teacher", "layout", "data"] and fields["resolution"].own is False
-    assert fields["layout"].choices == ("base", "small", "tiny") and fields["layout"].default == "small"
+    assert fields["layout"].choices == ("base", "small", "tiny", "sd-nomid") and fields["layout"].default == "small"
     assert fields["learning_rate"].default == 5e-5 and "AdamW" in fields["learning_rate"].help
     assert fields["sample_prompts"].type == "list"
     # an emptied number keeps the config's default; a typed list is one prompt a line

@@ -34,12 +34,12 @@ class TrainConfig(JobConfig):
     """What every training job shares: optimiser, precision, speed switches, checkpoints, samples."""
 
     resolution: int = setting(512, "Training image side in pixels (images are resized on the shorter side, then "
-                                   "cropped).", label="Resolution", group="Data", min=64, max=2048, multiple_of=8)
+                                   "cropped).", label="Resolution (px)", group="Data", min=64, max=2048, multiple_of=8)
     train_batch_size: int = setting(64, "Images per step on each device.", label="Batch size", group="Recipe",
                                     min=1, max=4096)
     gradient_accumulation_steps: int = setting(4, "Steps whose gradients are summed before one optimiser update.",
                                                label="Gradient accumulation", group="Recipe", min=1, max=4096)
-    max_steps: int = setting(50_000, "Optimiser updates to train for.", label="Steps", group="Recipe", min=1,
+    max_steps: int = setting(50_000, "Optimiser updates to train for.", label="Steps (optimiser updates)", group="Recipe", min=1,
                              max=10**9)
     learning_rate: float = setting(5e-5, "AdamW learning rate (constant, no warm-up).", label="Learning rate",
                                    group="Recipe", min=0.0, max=1.0)
@@ -69,29 +69,29 @@ class TrainConfig(JobConfig):
     xformers: bool = setting(False, "Use xformers attention when installed (else PyTorch SDPA).",
                              label="xformers attention", group="Speed & memory", advanced=True)
     center_crop: bool = setting(True, "Crop the center of each image (else a random crop).", label="Center crop",
-                                group="Data")
-    random_flip: bool = setting(True, "Flip images horizontally at random.", label="Random flip", group="Data")
-    seed: int = setting(1234, "Random seed: the same seed and data give the same run.", label="Seed", group="Recipe",
+                                group="Data", advanced=True)
+    random_flip: bool = setting(True, "Flip images horizontally at random.", label="Random flip", group="Data", advanced=True)
+    seed: int = setting(1234, "Random seed: the same seed and data give the same run.", label="Seed", group="Recipe", advanced=True,
                         min=0, max=2**63 - 1)
     num_workers: int = setting(2, "Data-loading worker processes (0 = load in the training process).",
-                               label="Data workers", group="Speed & memory", min=0, max=256)
+                               label="Data workers", group="Speed & memory", advanced=True, min=0, max=256)
     checkpoint_every: int = setting(1000, "Save a resumable checkpoint every N steps and at the end "
-                                          "(0 = never; cancelling always saves one).", label="Checkpoint every",
+                                          "(0 = never; cancelling always saves one).", label="Checkpoint every (steps)",
                                     group="Output", min=0)
     checkpoints_keep: int = setting(3, "Keep this many newest checkpoints (0 = keep all).", label="Checkpoints kept",
-                                    group="Output", min=0)
-    sample_every: int = setting(1000, "Render validation images every N steps (0 = never).", label="Samples every",
+                                    group="Output", advanced=True, min=0)
+    sample_every: int = setting(1000, "Render validation images every N steps (0 = never).", label="Samples every (steps)",
                                 group="Output", min=0)
     sample_prompts: list = setting(DEFAULT_PROMPTS, "Fixed prompts of the validation images.",
                                    label="Sample prompts", group="Output", kind="prompt")
     sample_steps: int = setting(25, "Denoising steps of the validation images (PNDM).", label="Sample steps",
-                                group="Output", min=1, max=1000)
+                                group="Output", advanced=True, min=1, max=1000)
     log_every: int = setting(10, "Write losses and speed to the log and the progress file every N steps.",
-                             label="Log every", group="Output", min=1)
+                             label="Log every (steps)", group="Output", advanced=True, min=1)
     output_dir: str = setting("", "Where the finished model goes (empty = the job folder's output/).",
                               label="Output folder", group="Output", kind="folder")
     output_name: str = setting("", "File name (no extension) of the WebUI checkpoint (empty = from the job).",
-                               label="Output name", group="Output", kind="name")
+                               label="Output name", group="Output", advanced=True, kind="name")
 
     # --- validation ---------------------------------------------------------------------------
 
@@ -120,24 +120,24 @@ class DistillConfig(TrainConfig):
     image_column: str = setting("file_name", "Image file column of the metadata.", label="Image column",
                                 group="Data", advanced=True)
     lambda_task: float = setting(1.0, "Weight of the task loss ||eps - eps_student||^2.", label="Task loss weight",
-                                 group="Losses", min=0.0)
+                                 group="Losses", advanced=True, min=0.0)
     lambda_out_kd: float = setting(1.0, "Weight of the output-KD loss ||eps_teacher - eps_student||^2.",
-                                   label="Output-KD weight", group="Losses", min=0.0)
+                                   label="Output-KD weight", group="Losses", advanced=True, min=0.0)
     lambda_feat_kd: float = setting(1.0, "Weight of the feature-KD loss (sum over the stage pairs of the layout).",
-                                    label="Feature-KD weight", group="Losses", min=0.0)
+                                    label="Feature-KD weight", group="Losses", advanced=True, min=0.0)
     feature_kd: str = setting("sum", "sum: each stage's squared error (a mean), summed, as the paper; normalised: "
                                      "each divided by the teacher feature's mean square (LAPTOP-Diff), so no stage "
-                                     "dominates by its size.", label="Feature-KD form", group="Losses",
+                                     "dominates by its size.", label="Feature-KD form", group="Losses", advanced=True,
                               choices=FEATURE_KD)
     feature_kd_stage_weights: list = setting((), "Weight of each stage pair's feature term, in the layout's order "
                                                  "(down stages, then up; losses.csv names them); empty = 1 each.",
                                              label="Feature-KD stage weights", group="Losses", advanced=True)
     use_ema: bool = setting(True, "Keep an exponential moving average of the student; the output is the EMA.",
-                            label="EMA", group="Recipe")
+                            label="EMA", group="Recipe", advanced=True)
     ema_decay: float = setting(0.9999, "EMA decay per optimiser update.", label="EMA decay", group="Recipe",
                                advanced=True, min=0.0, max=1.0)
     teacher_half: bool = setting(True, "Run the frozen teacher, VAE and text encoder in half precision (bf16 on "
-                                       "CPU).", label="Half-precision teacher", group="Speed & memory")
+                                       "CPU).", label="Half-precision teacher", group="Speed & memory", advanced=True)
     cache: bool = setting(False, "Encode every image and caption once (VAE latents, text embeddings) into a cache "
                                  "reused across runs; about 150 KB a pair at 512 px (180 KB with random flips, "
                                  "whose flipped crops are encoded too). Crops are then centred.",
@@ -186,15 +186,15 @@ class DreamBoothConfig(TrainConfig):
     class_prompt: str = setting("a dog", "Prompt of the subject's class (prior preservation).",
                                 label="Class prompt", group="Data", kind="prompt")
     prior_preservation: bool = setting(True, "Train on generated class images too, so the class keeps its look.",
-                                       label="Prior preservation", group="Losses")
+                                       label="Prior preservation", group="Losses", advanced=True)
     prior_loss_weight: float = setting(1.0, "Weight of the class (prior-preservation) loss.",
-                                       label="Prior loss weight", group="Losses", min=0.0)
+                                       label="Prior loss weight", group="Losses", advanced=True, min=0.0)
     num_class_images: int = setting(200, "Class images to use; missing ones are generated once and cached in the "
-                                         "job.", label="Class images", group="Data", min=0, max=100_000)
+                                         "job.", label="Class images", group="Data", advanced=True, min=0, max=100_000)
     class_data: str = setting("", "A folder of your own class images (empty = generate them into the job folder).",
-                              label="Class image folder", group="Data", kind="folder")
+                              label="Class image folder", group="Data", advanced=True, kind="folder")
     class_generator: str = setting("", "Model that generates class images (empty = the base model; the paper uses "
-                                       "SD).", label="Class image model", group="Model", kind="model")
+                                       "SD).", label="Class image model", group="Model", advanced=True, kind="model")
     class_guidance: float = setting(7.5, "Guidance scale of the class-image generation.", label="Class guidance",
                                     group="Data", advanced=True, min=0.0, max=50.0)
     class_steps: int = setting(25, "Denoising steps per generated class image (PNDM).", label="Class image steps",
@@ -203,36 +203,36 @@ class DreamBoothConfig(TrainConfig):
                         label="Mode", group="Model", choices=("full", "lora"))
     train_text_encoder: bool = setting(True, "Train the text encoder too (full mode: all of it; LoRA: q/v "
                                              "adapters).", label="Train text encoder", group="Recipe")
-    lora_rank: int = setting(16, "U-Net LoRA rank (on attention to_q, to_v).", label="LoRA rank", group="Recipe",
+    lora_rank: int = setting(16, "U-Net LoRA rank (on attention to_q, to_v).", label="LoRA rank", group="Recipe", advanced=True,
                              min=1, max=1024)
-    lora_alpha: float = setting(27.0, "U-Net LoRA alpha.", label="LoRA alpha", group="Recipe", min=0.0)
+    lora_alpha: float = setting(27.0, "U-Net LoRA alpha.", label="LoRA alpha", group="Recipe", advanced=True, min=0.0)
     text_lora_rank: int = setting(16, "Text-encoder LoRA rank (on q_proj, v_proj).", label="Text LoRA rank",
                                   group="Recipe", advanced=True, min=1, max=1024)
     text_lora_alpha: float = setting(17.0, "Text-encoder LoRA alpha.", label="Text LoRA alpha", group="Recipe",
                                      advanced=True, min=0.0)
     # DreamBooth's own recipe (BKSDM.md §4) in place of the distillation one
     resolution: int = setting(512, "Training image side in pixels (random crop unless center_crop).",
-                              label="Resolution", group="Data", min=64, max=2048, multiple_of=8)
+                              label="Resolution (px)", group="Data", advanced=True, min=64, max=2048, multiple_of=8)
     train_batch_size: int = setting(1, "Instance images per step (with prior preservation, as many class images "
                                        "join).", label="Batch size", group="Recipe", min=1, max=4096)
     gradient_accumulation_steps: int = setting(1, "Steps whose gradients are summed before one optimiser update.",
-                                               label="Gradient accumulation", group="Recipe", min=1, max=4096)
-    max_steps: int = setting(800, "Optimiser updates to train for.", label="Steps", group="Recipe", min=1, max=10**9)
+                                               label="Gradient accumulation", group="Recipe", advanced=True, min=1, max=4096)
+    max_steps: int = setting(800, "Optimiser updates to train for.", label="Steps (optimiser updates)", group="Recipe", min=1, max=10**9)
     learning_rate: float | None = setting(None, "Learning rate (empty = 1e-6 for full, 1e-4 for LoRA).",
                                           label="Learning rate", group="Recipe", min=0.0, max=1.0)
     center_crop: bool = setting(False, "Crop the center of each image (else a random crop).", label="Center crop",
-                                group="Data")
-    random_flip: bool = setting(False, "Flip images horizontally at random.", label="Random flip", group="Data")
+                                group="Data", advanced=True)
+    random_flip: bool = setting(False, "Flip images horizontally at random.", label="Random flip", group="Data", advanced=True)
     checkpoint_every: int = setting(200, "Save a resumable checkpoint every N steps and at the end "
-                                         "(0 = never; cancelling always saves one).", label="Checkpoint every",
+                                         "(0 = never; cancelling always saves one).", label="Checkpoint every (steps)",
                                     group="Output", min=0)
-    sample_every: int = setting(200, "Render validation images every N steps (0 = never).", label="Samples every",
+    sample_every: int = setting(200, "Render validation images every N steps (0 = never).", label="Samples every (steps)",
                                 group="Output", min=0)
     sample_prompts: list = setting(("a sks dog in the snow", "a sks dog on the beach"),
                                    "Fixed prompts of the validation images.", label="Sample prompts", group="Output",
                                    kind="prompt")
     num_workers: int = setting(0, "Data-loading worker processes (0 = load in the training process).",
-                               label="Data workers", group="Speed & memory", min=0, max=256)
+                               label="Data workers", group="Speed & memory", advanced=True, min=0, max=256)
 
     @property
     def lr(self) -> float:

@@ -37,10 +37,56 @@ def shown_images(page: gr.Blocks):
     return allowed
 
 
+def models_folder(runner: Runner) -> Path:
+    """Where `bksdm app` looks for checkpoints besides the finished jobs: <data folder>/models."""
+    return runner.data_dir / "models"
+
+
+def known_checkpoints(runner: Runner, refresh: bool = False) -> dict[str, str]:
+    """The models the app's pickers offer, title -> path: single files and diffusers folders in
+    <data folder>/models, then each finished job's output/ (its single file and diffusers copy)."""
+    found: dict[str, str] = {}
+
+    def add(prefix: str, folder: Path) -> None:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            return
+        for p in entries:
+            if (p.is_file() and p.suffix == ".safetensors") or (p.is_dir() and (p / "model_index.json").is_file()):
+                found[f"{prefix}{p.name}"] = str(p)
+
+    add("models/", models_folder(runner))
+    for job in runner.list():
+        if job.state == "done":
+            add(f"{job.id}/", Path(job.folder) / "output")
+    return found
+
+
+def model_rows(runner: Runner) -> list[dict]:
+    """The Models view in the app: the BK single files among the known checkpoints, with their timings."""
+    from ..timings.store import TimingStore
+    from ..webui.models_view import models_view
+
+    listed = [(title, path) for title, path in known_checkpoints(runner).items() if path.endswith(".safetensors")]
+    store_path = runner.data_dir / "timings.sqlite3"
+    records = []
+    if store_path.is_file():
+        store = TimingStore(store_path)
+        try:
+            records = store.records()
+        finally:
+            store.close()
+    return [row.as_dict() for row in models_view(listed, records)]
+
+
 def create_app(runner: Runner, guard: AccessGuard, origin: OriginPolicy | None = None) -> FastAPI:
     """FastAPI app serving the jobs API at /bksdm/v1 and the tab at /, to its own pages only."""
     origin = origin or OriginPolicy(bound_host=guard.bound_host)
-    tab = build_tab(TabContext(runner, guard, origin=origin))  # built outside `page`, as the WebUI builds its tabs
+    context = TabContext(runner, guard, origin=origin,
+                         checkpoints=lambda refresh=False: known_checkpoints(runner, refresh),
+                         models_rows=lambda: model_rows(runner))
+    tab = build_tab(context)  # built outside `page`, as the WebUI builds its tabs
     with gr.Blocks(analytics_enabled=False, title="BK-SDM") as page:
         gr.Markdown("## BK-SDM")
         tab.render()

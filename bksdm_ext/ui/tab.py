@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import re
 import os
 import subprocess
 import sys
@@ -21,12 +22,16 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..errors import BKSDMError
-from ..job_config import Setting
+from ..job_config import GROUPS, Setting
 from ..kinds import Kind
+from ..job import JobFolder, Outputs
+from ..job_config import read_toml
 from ..jobs.api import job_view
+from ..jobs.store import ACTIVE_STATES
 from ..jobs.guard import AccessGuard
 from ..jobs.origin import OriginPolicy, request_parts
 from ..jobs.runner import Runner
+from .data_check import data_setting
 
 JAVASCRIPT = Path(__file__).resolve().parents[2] / "javascript" / "bksdm.js"
 TABLE_HEADERS = ["Job", "Kind", "State", "Progress", "Step", "ETA", "Samples/s", "Message"]
@@ -71,6 +76,23 @@ class TabContext:
         except BKSDMError as error:
             raise gr.Error(str(error)) from None
 
+    # The checkpoints the model pickers offer, title -> file (the WebUI's list; in `bksdm app`, the models
+    # folders it knows); `refresh=True` re-reads them.
+    checkpoints: Callable[..., dict[str, str]] | None = None
+    # "Use in txt2img": the WebUI title of a job's checkpoint file, which the page then selects; None where
+    # there is no txt2img (`bksdm app`).
+    use_checkpoint: Callable[[Path], str] | None = None
+    # The Models view's rows (webui.models_view.ModelRow.as_dict()), None to leave the view out.
+    models_rows: Callable[[], list[dict]] | None = None
+
+    def model_sources(self, refresh: bool = False) -> dict[str, str]:
+        if self.checkpoints is None:
+            return {}
+        try:
+            return dict(self.checkpoints(refresh=refresh))
+        except BKSDMError:
+            return {}
+
     def timings_path(self) -> Path:
         return self.timings_store() if self.timings_store else self.runner.data_dir / "timings.sqlite3"
 
@@ -84,40 +106,106 @@ def form_fields(cls: type) -> list[Setting]:
     return cls.settings()
 
 
-def _component(field: Setting, kind: str) -> gr.components.Component:
+def form_groups(fields: list[Setting]) -> list[tuple[str, list[Setting], list[Setting]]]:
+    """(group, its everyday settings, its advanced ones) in GROUPS order, empty groups left out."""
+    out = []
+    for group in GROUPS:
+        members = [f for f in fields if f.group == group]
+        if members:
+            out.append((group, [f for f in members if not f.advanced], [f for f in members if f.advanced]))
+    return out
+
+
+def _component(field: Setting, kind: str, context: "TabContext") -> gr.components.Component:
     label, elem_id = field.label, f"bksdm_{kind}_{field.name}"
+    if field.kind == "model":
+        choices = list(context.model_sources())
+        return gr.Dropdown(choices, value=field.default or None, label=label, allow_custom_value=True,
+                           info=f"{field.help} Pick one from the list, or type a path on the server.",
+                           elem_id=elem_id)
     if field.choices:
         return gr.Dropdown(list(field.choices), value=field.default, label=label, info=field.help, elem_id=elem_id)
     if field.type == "bool":
         return gr.Checkbox(value=bool(field.default), label=label, info=field.help, elem_id=elem_id)
+    if field.type in ("int", "float") and field.default is None:  # empty means the default: a Number shows 0
+        return gr.Textbox(value="", label=label, info=field.help, elem_id=elem_id, placeholder="empty = automatic")
     if field.type in ("int", "float"):
         return gr.Number(value=field.default, label=label, info=field.help, elem_id=elem_id,
                          precision=0 if field.type == "int" else None)
     if field.type in ("list", "tuple"):
-        return gr.Textbox(value="\n".join(map(str, field.default or [])), label=label, lines=3,
+        return gr.Textbox(value="\n".join(map(str, field.default or [])), label=label, lines=2, max_lines=3,
                           info=f"{field.help} One per line.", elem_id=elem_id)
     return gr.Textbox(value="" if field.default is None else str(field.default), label=label, info=field.help,
                       elem_id=elem_id)
 
 
-def _field_rows(fields: list[Setting], components: list, kind: str, per_row: int = 3) -> None:
-    """Fields three to a row: the form stays short enough to see the launch button."""
-    for start in range(0, len(fields), per_row):
-        with gr.Row(equal_height=True):
-            for field in fields[start:start + per_row]:
-                components.append(_component(field, kind))
+def as_form_value(field: Setting, value: Any) -> Any:
+    """A config value as its form component holds it (lists one item a line)."""
+    if field.type in ("list", "tuple"):
+        return "\n".join(map(str, value or []))
+    return "" if value is None and field.type == "str" else value
 
 
-def form_values(fields: list[Setting], raw: list[Any]) -> dict[str, Any]:
-    """The form's values as a config dict: empty numbers keep their default, lists are one item a line."""
+def list_folders(path: str) -> tuple[str, list[str]]:
+    """The folder a picker shows for `path` (itself if a folder, else its nearest existing parent, else the
+    home folder) and its sub-folders, hidden ones left out."""
+    here = Path(path).expanduser() if path else Path.home()
+    while not here.is_dir() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        here = Path.home()
+    here = here.resolve()
+    try:
+        subs = sorted(p.name for p in here.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as error:
+        raise BKSDMError(f"Cannot list {here}: {error.strerror}.") from None
+    return str(here), ([UP] if here != here.parent else []) + subs[:500]
+
+
+UP = ".. (up one folder)"
+
+
+def _folder_picker(context: "TabContext", box: gr.Textbox, field: Setting, kind: str) -> None:
+    """A Browse button under a folder setting: lists the server's folders (guarded as a launch is)."""
+    browse = gr.Button("Browse server folders", size="sm", elem_id=f"bksdm_{kind}_{field.name}_browse")
+    listing = gr.Dropdown([], label=f"Folders in", visible=False, elem_id=f"bksdm_{kind}_{field.name}_folders")
+    note = gr.HTML(visible=False)
+
+    def show(path, request: gr.Request):
+        try:
+            context.check(request, "Listing server folders")
+            here, subs = list_folders(path)
+        except BKSDMError as error:
+            return gr.update(), gr.update(visible=False), gr.update(visible=True, value=_message(str(error), False))
+        return (here, gr.update(visible=True, choices=subs, value=None, label=f"Folders in {here}"),
+                gr.update(visible=False))
+
+    def enter(path, name, request: gr.Request):
+        if not name:
+            return gr.update(), gr.update(), gr.update()
+        target = str(Path(path).parent if name == UP else Path(path) / name)
+        return show(target, request)
+
+    browse.click(show, inputs=[box], outputs=[box, listing, note])
+    listing.input(enter, inputs=[box, listing], outputs=[box, listing, note])
+
+
+def form_values(fields: list[Setting], raw: list[Any], sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """The form's values as a config dict: empty numbers keep their default, lists are one item a line, a
+    model picked from the list is its file."""
     values: dict[str, Any] = {}
     for field, value in zip(fields, raw):
         if field.type in ("int", "float"):
-            if value is None or value == "":
+            if value is None or str(value).strip() == "":
                 continue
-            value = int(value) if field.type == "int" and float(value).is_integer() else value
+            if isinstance(value, str):  # an optional number's text box; from_dict says if it is no number
+                value = value.strip()
+            elif field.type == "int" and float(value).is_integer():
+                value = int(value)
         elif field.type in ("list", "tuple"):
             value = [line.strip() for line in str(value or "").splitlines() if line.strip()]
+        elif field.kind == "model":
+            value = (sources or {}).get(value, value) or ""
         values[field.name] = value
     return values
 
@@ -138,36 +226,161 @@ def _guarded(action: Callable[[], str]) -> str:
         return _message(f"Unexpected error: {error}. The server's console has the details.", False)
 
 
-def _form(context: TabContext, kind: Kind) -> None:
+@dataclass
+class Form:
+    """What build_tab wires after the forms: the launch event and the id of the job it made."""
+    launched: Any
+    job_id: gr.Textbox
+
+
+def _presets(context: TabContext, kind: Kind, cls: type, fields: list[Setting], components: list) -> None:
+    """The preset row: a choice sets the recipe; the current recipe can be saved under a name."""
+    from . import presets
+
+    titles = [p.title for p in presets.builtin(kind.name)]
+    with gr.Row(equal_height=True):
+        choice = gr.Dropdown(titles + presets.user_presets(context.runner.data_dir, kind.name), value=None,
+                             label="Preset", info="Sets the recipe in one choice; the other settings stay.",
+                             elem_id=f"bksdm_{kind.name}_preset", scale=2)
+        name = gr.Textbox(label="Save the recipe as", placeholder="my recipe", elem_id=f"bksdm_{kind.name}_preset_name",
+                          scale=2)
+        save = gr.Button("Save preset", elem_id=f"bksdm_{kind.name}_preset_save", scale=1, size="sm")
+    about = gr.HTML(elem_id=f"bksdm_{kind.name}_preset_help")
+    by_name = {f.name: i for i, f in enumerate(fields)}
+
+    def apply(title):
+        keep = [gr.update()] * len(fields)
+        try:
+            preset = presets.find(kind.name, title, context.runner.data_dir)
+            if preset is None:
+                return [_message(f"No preset {title!r}.", False), *keep]
+            values, notes = presets.preset_values(cls, preset)
+        except BKSDMError as error:
+            return [_message(str(error), False), *keep]
+        out = list(keep)
+        for setting_name, value in values.items():
+            out[by_name[setting_name]] = as_form_value(fields[by_name[setting_name]], value)
+        shown = {fields[by_name[n]].label: v for n, v in values.items()}
+        text = f"{preset.title}: {preset.help} " + " ".join(notes) + " Set: " + ", ".join(
+            f"{label} {value}" for label, value in shown.items() if not isinstance(value, list)) + "."
+        return [_message(text, True), *out]
+
+    choice.input(apply, inputs=[choice], outputs=[about, *components])
+
+    def store(preset_name, request: gr.Request, *raw):
+        def act():
+            context.check(request, "Saving a preset")
+            path = presets.save_user(context.runner.data_dir, cls, preset_name,
+                                     form_values(fields, list(raw), context.model_sources()))
+            return f"Saved the recipe as {presets.check_name(preset_name)!r} ({path})."
+        message = _guarded(act)
+        return message, gr.update(choices=titles + presets.user_presets(context.runner.data_dir, kind.name))
+
+    save.click(store, inputs=[name, *components], outputs=[about, choice])
+
+
+def _form(context: TabContext, kind: Kind) -> Form | None:
     try:
-        fields = form_fields(kind.config_class())
+        cls = kind.config_class()
+        fields = form_fields(cls)
     except BKSDMError as error:
         gr.Markdown(str(error))
-        return
+        return None
     overrides = context.form_defaults.get(kind.name, {})
     fields = [dataclasses.replace(f, default=overrides[f.name]) if f.name in overrides else f for f in fields]
-    components = []
-    own = [f for f in fields if f.own]
-    rest = [f for f in fields if not f.own]
-    _field_rows(own, components, kind.name)
-    if rest:
-        with gr.Accordion("Training recipe (the paper's defaults)" if kind.gpu else "More settings", open=False,
-                          elem_id=f"bksdm_{kind.name}_more"):
-            _field_rows(rest, components, kind.name)
-    launch = gr.Button(f"Launch {kind.title.lower()} job", variant="primary", elem_id=f"bksdm_launch_{kind.name}")
+    components: dict[str, Any] = {}
+    preset_row = gr.Column() if any(f.name == "max_steps" for f in fields) else None  # training kinds
+    data_name = data_setting(fields)
+    check_out: list = []
+    for group, everyday, advanced in form_groups(fields):
+        with gr.Group(elem_id=f"bksdm_{kind.name}_group_{group.split()[0].lower()}"):
+            if everyday:  # a group of advanced settings only is its accordion alone
+                gr.HTML(f"<div class='bksdm-group' style='padding: 4px 10px; font-weight: 600'>{html.escape(group)}</div>")
+            _rows(context, everyday, components, kind.name)
+            if data_name and group == "Data":
+                with gr.Row():
+                    check = gr.Button("Check data", elem_id=f"bksdm_{kind.name}_check", size="sm", scale=0,
+                                      min_width=140)
+                    report = gr.HTML(elem_id=f"bksdm_{kind.name}_check_result")
+                thumbs = gr.Gallery(visible=False, columns=4, height=160, object_fit="cover", show_label=False,
+                                    elem_id=f"bksdm_{kind.name}_thumbnails")
+                check_out = [check, report, thumbs]
+            if advanced:
+                with gr.Accordion(f"More {group.lower()} settings" if everyday else group, open=False,
+                                  elem_id=f"bksdm_{kind.name}_more_{group.split()[0].lower()}"):
+                    _rows(context, advanced, components, kind.name)
+    ordered = [components[f.name] for f in fields]
+    if preset_row is not None:
+        with preset_row:
+            _presets(context, kind, cls, fields, ordered)
+    with gr.Row():
+        launch = gr.Button(f"Launch {kind.title.lower()} job", variant="primary", elem_id=f"bksdm_launch_{kind.name}")
     result = gr.HTML(elem_id=f"bksdm_launch_result_{kind.name}")
+    job_id = gr.Textbox(visible=False, elem_id=f"bksdm_launched_{kind.name}")
+
+    def data_report(values: dict) -> tuple[str, list]:
+        from .data_check import check_data
+
+        report = check_data(fields, values)
+        return report.text, report.thumbnails
+
+    if check_out:
+        check, report, thumbs = check_out
+
+        def check_click(request: gr.Request, *raw):
+            try:
+                context.check(request, "Reading a server folder")
+                text, images = data_report(form_values(fields, list(raw), context.model_sources()))
+            except BKSDMError as error:
+                return _message(str(error), False), gr.update(visible=False, value=None)
+            return _message(text, True), gr.update(visible=bool(images), value=images)
+
+        check.click(check_click, inputs=ordered, outputs=[report, thumbs])
 
     def submit(request: gr.Request, *raw):
+        made = [""]
+
         def act():
             context.check(request, "Launching a job")
+            values = form_values(fields, list(raw), context.model_sources())
+            data = data_report(values)[0] + " " if data_name else ""
             asked = time.time()
-            job = context.runner.submit(kind.name, form_values(fields, list(raw)))
+            job = context.runner.submit(kind.name, values)
+            made[0] = job.id
             if job.created < asked - 1:
                 return f"Job {job.id} was already launched with these settings ({job.state}); see the Jobs tab."
-            return f"Job {job.id} is {job.state}; follow it in the Jobs tab."
-        return _guarded(act)
+            return f"{data}Job {job.id} is {job.state}; follow it in the Jobs tab."
+        message = _guarded(act)
+        return message, made[0]
 
-    launch.click(submit, inputs=components, outputs=[result])
+    launched = launch.click(submit, inputs=ordered, outputs=[result, job_id])
+    return Form(launched, job_id)
+
+
+def _rows(context: TabContext, fields: list[Setting], components: dict, kind: str, per_row: int = 4) -> None:
+    """Fields four to a row: with its accordions closed a form stays within two screens."""
+    for start in range(0, len(fields), per_row):
+        with gr.Row(equal_height=False):
+            for field in fields[start:start + per_row]:
+                if field.kind in ("model", "folder"):
+                    with gr.Column(min_width=200):
+                        components[field.name] = box = _component(field, kind, context)
+                        if field.kind == "folder":
+                            _folder_picker(context, box, field, kind)
+                        else:
+                            _model_refresh(context, box, kind, field)
+                else:
+                    components[field.name] = _component(field, kind, context)
+
+
+def _model_refresh(context: TabContext, box, kind: str, field: Setting) -> None:
+    refresh = gr.Button("Refresh the list", size="sm", elem_id=f"bksdm_{kind}_{field.name}_refresh")
+
+    def again(request: gr.Request):
+        context.check_read(request)
+        return gr.update(choices=list(context.model_sources(refresh=True)))
+
+    refresh.click(again, outputs=[box])
 
 
 # --- the job views -----------------------------------------------------------------------------
@@ -247,7 +460,60 @@ def _open_folder(path: str) -> str:
     return f"Opened {path}"
 
 
-def _jobs(context: TabContext) -> None:
+def sample_gallery(paths: list[Path], prompts: list[str], shown: int = SAMPLES_SHOWN) -> list[tuple[str, str]]:
+    """The gallery's images with captions: the newest step's samples first, each beside the teacher's image
+    of the same prompt (`teacher-i.png`, rendered once per job), then earlier steps; `step-NNNNNN-i.png`."""
+    teacher: dict[int, Path] = {}
+    steps: dict[int, dict[int, Path]] = {}
+    for path in paths:
+        match = re.fullmatch(r"(?:teacher|step-(\d+))-(\d+)", path.stem)
+        if not match:
+            continue
+        index = int(match.group(2))
+        if match.group(1) is None:
+            teacher[index] = path
+        else:
+            steps.setdefault(int(match.group(1)), {})[index] = path
+    prompt = lambda i: prompts[i] if i < len(prompts) else f"prompt {i + 1}"  # noqa: E731
+    out: list[tuple[str, str]] = []
+    for step in sorted(steps, reverse=True):
+        for index in sorted(steps[step]):
+            if index in teacher:
+                out.append((str(teacher[index]), f"teacher: {prompt(index)}"))
+            out.append((str(steps[step][index]), f"step {step}: {prompt(index)}"))
+        if len(out) >= shown:
+            break
+    if not steps:  # only the teacher's images so far
+        out = [(str(teacher[i]), f"teacher: {prompt(i)}") for i in sorted(teacher)]
+    return out[:shown]
+
+
+def _prompts(runner: Runner, job_id: str) -> list[str]:
+    try:
+        return [str(p) for p in read_toml(JobFolder(runner.get(job_id).folder).config).get("sample_prompts", [])]
+    except BKSDMError:
+        return []
+
+
+def job_checkpoint(runner: Runner, job_id: str) -> Path | None:
+    """The single-file checkpoint a finished job wrote (from its outputs.json), if it is still there."""
+    job = runner.get(job_id)
+    if job.state != "done":
+        return None
+    files = sorted(Path(p) for p in Outputs(job.folder).owned() if p.endswith(".safetensors"))
+    return next((p for p in files if p.is_file()), None)
+
+
+def buttons_for(view: dict | None, can_use: bool) -> dict[str, bool]:
+    """Which job buttons are active for the selected job's state."""
+    state = view["state"] if view else None
+    return {"cancel": state in ("queued", "running"),
+            "resume": bool(view) and state in ("cancelled", "failed", "interrupted") and bool(view["resumable"]),
+            "relaunch": bool(view), "delete": bool(view) and state not in ACTIVE_STATES,
+            "open": bool(view), "use": can_use and state == "done"}
+
+
+def _jobs(context: TabContext):
     runner = context.runner
     handoff = gr.HTML(elem_id="bksdm_handoff")
     table = gr.Dataframe(headers=TABLE_HEADERS, value=[[""] * len(TABLE_HEADERS)], interactive=False,
@@ -255,29 +521,35 @@ def _jobs(context: TabContext) -> None:
     selected = gr.Dropdown([], label="Job", elem_id="bksdm_job_select")
     with gr.Row():
         refresh = gr.Button("Refresh", elem_id="bksdm_refresh")
-        cancel = gr.Button("Cancel", elem_id="bksdm_cancel")
-        resume = gr.Button("Resume", elem_id="bksdm_resume")
-        relaunch = gr.Button("Re-launch", elem_id="bksdm_relaunch")
-        delete = gr.Button("Delete", elem_id="bksdm_delete", variant="stop")
-        open_output = gr.Button("Open output folder", elem_id="bksdm_open_output")
+        cancel = gr.Button("Cancel", elem_id="bksdm_cancel", interactive=False)
+        resume = gr.Button("Resume", elem_id="bksdm_resume", interactive=False)
+        relaunch = gr.Button("Re-launch", elem_id="bksdm_relaunch", interactive=False)
+        delete = gr.Button("Delete", elem_id="bksdm_delete", variant="stop", interactive=False)
+        open_output = gr.Button("Open output folder", elem_id="bksdm_open_output", interactive=False)
+        use = gr.Button("Use in txt2img", elem_id="bksdm_use", variant="primary", interactive=False,
+                        visible=context.use_checkpoint is not None)
     with gr.Row(visible=False) as confirm_row:  # deleting loses the job's folder: ask once more
         confirm_text = gr.Markdown()
         confirm = gr.Button("Delete it", elem_id="bksdm_delete_confirm", variant="stop", scale=0, min_width=140)
         keep = gr.Button("Keep it", elem_id="bksdm_delete_keep", scale=0, min_width=140)
     action_result = gr.HTML(elem_id="bksdm_action_result")
+    use_title = gr.Textbox(visible=False, elem_id="bksdm_use_title")
     status = gr.HTML(_status(None), elem_id="bksdm_status")
     with gr.Row():
         with gr.Column(scale=1):
             plot = gr.LinePlot(x="step", y="value", color="term", title="Losses", tooltip=["step", "term", "value"],
                                elem_id="bksdm_loss_plot", height=260, width=420)
         with gr.Column(scale=1):
-            gallery = gr.Gallery(label="Validation samples", columns=4, height=260, elem_id="bksdm_samples")
+            gallery = gr.Gallery(label="Validation samples: the teacher's image, then the student's", columns=4,
+                                 object_fit="contain", elem_id="bksdm_samples")
     log_tail = gr.Textbox(label="Log", lines=14, max_lines=14, interactive=False, elem_id="bksdm_log",
                           show_copy_button=True)
     done_marker = gr.Textbox(visible=False, elem_id="bksdm_done_marker")
     seen = gr.State({})  # what this browser already shows, so unchanged parts are not re-sent
+    buttons = {"cancel": cancel, "resume": resume, "relaunch": relaunch, "delete": delete, "open": open_output,
+               "use": use}
 
-    def update(job_id, shown, request: gr.Request):
+    def update(job_id, shown, request: gr.Request = None):
         context.check_read(request)
         views = [job_view(runner, job) for job in runner.list()]
         ids = [v["id"] for v in views]
@@ -293,15 +565,17 @@ def _jobs(context: TabContext) -> None:
             _status(view),
             runner.log_tail(job_id) if job_id else "",
         ]
-        samples = [str(p) for p in runner.samples(job_id)[-SAMPLES_SHOWN:]] if job_id else []
+        samples = sample_gallery(runner.samples(job_id), _prompts(runner, job_id)) if job_id else []
         losses = runner.losses(job_id) if job_id else []
         outputs.append(_loss_frame(losses) if (job_id, len(losses)) != shown.get("plot") else gr.update())
         outputs.append(samples if (job_id, samples) != shown.get("samples") else gr.update())
         outputs.append(" ".join(v["id"] for v in views if v["state"] == "done"))
+        active = buttons_for(view, context.use_checkpoint is not None)
+        outputs += [gr.update(interactive=active[name]) for name in buttons]
         shown.update(ids=ids, job=job_id, plot=(job_id, len(losses)), samples=(job_id, samples))
         return [*outputs, shown]
 
-    views_out = [handoff, table, selected, status, log_tail, plot, gallery, done_marker, seen]
+    views_out = [handoff, table, selected, status, log_tail, plot, gallery, done_marker, *buttons.values(), seen]
     refresh.click(update, inputs=[selected, seen], outputs=views_out)
     selected.input(update, inputs=[selected, seen], outputs=views_out)
 
@@ -332,6 +606,20 @@ def _jobs(context: TabContext) -> None:
         button.click(act(action, what), inputs=[selected], outputs=[action_result]).then(
             update, inputs=[selected, seen], outputs=views_out)
 
+    def use_click(job_id, request: gr.Request):
+        title = [""]
+
+        def inner():
+            context.check(request, "Selecting a checkpoint")
+            title[0] = use_in_txt2img(context, job_id)
+            return f"Selected {title[0]} in the checkpoint list; txt2img now generates with it."
+        return _guarded(inner), title[0]
+
+    # the page selects it as the user's own pick, through the WebUI's selectCheckpoint (javascript/ui.js)
+    use.click(use_click, inputs=[selected], outputs=[action_result, use_title]).then(
+        None, inputs=[use_title], outputs=None,
+        _js="(t) => { if (t && typeof selectCheckpoint === 'function') { selectCheckpoint(t); } return []; }")
+
     def ask(job_id):
         if not job_id:
             return gr.update(visible=False), "", _message("Select a job first.", False)
@@ -340,20 +628,72 @@ def _jobs(context: TabContext) -> None:
     delete.click(ask, inputs=[selected], outputs=[confirm_row, confirm_text, action_result])
     for button in (confirm, keep):
         button.click(lambda: gr.update(visible=False), outputs=[confirm_row])
+    return selected, seen, update, views_out
+
+
+def use_in_txt2img(context: TabContext, job_id: str) -> str:
+    """The WebUI title of a finished job's checkpoint, for the page to select; a BKSDMError says why not."""
+    if not job_id:
+        raise BKSDMError("Select a job first.")
+    if context.use_checkpoint is None:
+        raise BKSDMError("There is no txt2img here: load the job's checkpoint in the WebUI (or in diffusers).")
+    path = job_checkpoint(context.runner, job_id)
+    if path is None:
+        raise BKSDMError(f"Job {job_id} has no finished checkpoint to use: only a done job's model can be selected.")
+    return context.use_checkpoint(path)
+
+
+MODEL_HEADERS = ["Checkpoint", "Layout", "Version", "U-Net parameters", "vs SD", "U-Net MACs", "vs SD",
+                 "Seconds per image", "Measured with", "Speed-up vs SD", "Problem"]
+
+
+def model_table(rows: list[dict]) -> list[list]:
+    """The Models view's rows as text: parameters in millions, MACs in G (per U-Net forward, batch 1)."""
+    out = []
+    for r in rows:
+        out.append([r["checkpoint"], r["layout_title"], r["version"], f"{r['unet_parameters'] / 1e6:.0f} M",
+                    f"{r['parameter_ratio']:.0%}", f"{r['unet_macs'] / 1e9:.0f} G", f"{r['macs_ratio']:.0%}",
+                    f"{r['s_per_image']:.2f}" if r.get("s_per_image") is not None else "not measured",
+                    r.get("measured") or "", f"{r['speedup']:.2f}x" if r.get("speedup") else "",
+                    r.get("problem") or ""])
+    return out or [["No BK-SDM checkpoint in the list yet."] + [""] * (len(MODEL_HEADERS) - 1)]
+
+
+def _models(context: TabContext) -> None:
+    gr.Markdown("Each BK-SDM checkpoint in the checkpoint list: its U-Net against SD's of the same version "
+                "(parameters; MACs per U-Net step at the version's native size), and its measured speed from the "
+                "Timings view, when it has been timed.")
+    refresh = gr.Button("Refresh", elem_id="bksdm_models_refresh", size="sm")
+    table = gr.Dataframe(headers=MODEL_HEADERS, value=[[""] * len(MODEL_HEADERS)], interactive=False, wrap=True,
+                         elem_id="bksdm_models_table")
+    result = gr.HTML()
+
+    def load(request: gr.Request):
+        context.check_read(request)
+        try:
+            return model_table(context.models_rows()), ""
+        except BKSDMError as error:
+            return gr.update(), _message(str(error), False)
+
+    refresh.click(load, outputs=[table, result])
 
 
 def build_tab(context: TabContext) -> gr.Blocks:
-    """The BK-SDM tab's Blocks: Distill, DreamBooth, Import/Convert, Jobs and Timings."""
+    """The BK-SDM tab's Blocks: a form per job kind, Jobs, Models and Timings."""
     with gr.Blocks(analytics_enabled=False, title="BK-SDM") as tab:
         if not context.guard.allowed:
             gr.HTML(_message(f"Jobs are disabled on this server: {context.guard.exposure}. Start it on "
                              "127.0.0.1, or with --enable-insecure-extension-access.", False))
+        forms = []
         with gr.Tabs(elem_id="bksdm_tabs"):
             for kind in context.runner.kinds.values():
                 with gr.Tab(kind.title, elem_id=f"bksdm_tab_{kind.name}"):
-                    _form(context, kind)
+                    forms.append(_form(context, kind))
             with gr.Tab("Jobs", elem_id="bksdm_tab_jobs"):
-                _jobs(context)
+                selected, seen, update, views_out = _jobs(context)
+            if context.models_rows is not None:
+                with gr.Tab("Models", elem_id="bksdm_tab_models"):
+                    _models(context)
             try:
                 from .timings_view import build_timings_view
             except ImportError:
@@ -362,4 +702,11 @@ def build_tab(context: TabContext) -> gr.Blocks:
                 with gr.Tab("Timings", elem_id="bksdm_tab_timings"):
                     build_timings_view(context.timings_path, context.benchmark, context.checkpoint_choices,
                                        check=context.check_origin, check_read=context.check_read)
+
+        def follow(job_id, shown, request: gr.Request):
+            """After a launch: the Jobs view shows the job just made (nothing changes when none was made)."""
+            return update(job_id, {}, request) if job_id else [gr.update()] * len(views_out)
+
+        for form in filter(None, forms):  # the Jobs view follows the job just launched
+            form.launched.then(follow, inputs=[form.job_id, seen], outputs=views_out)
     return tab

@@ -85,6 +85,30 @@ def verify_loaded_unet(seed: int = 0, latent: int = 8) -> dict:
             "max_abs_diff": (ours - theirs).abs().max().item(), "output_std": theirs.std().item()}
 
 
+def checkpoint_files(refresh: bool = False) -> dict[str, str]:
+    """The checkpoint list, title -> file, for the tab's model pickers; `refresh` re-lists first (the
+    selection stays: checkpoints.install wraps list_models)."""
+    if refresh:
+        refresh_checkpoints()
+    return {info.title: info.filename for info in sd_models.checkpoints_list.values()}
+
+
+def checkpoint_title(path: Path) -> str:
+    """The list's title of checkpoint file `path` ("Use in txt2img" selects it); re-lists when it is new."""
+    def find():
+        target = Path(path).resolve()
+        return next((t for t, f in checkpoint_files().items() if Path(f).resolve() == target), None)
+
+    title = find()
+    if title is None:
+        refresh_checkpoints()
+        title = find()
+    if title is None:
+        raise BKSDMError(f"{path} is not in the checkpoint list: its output folder is not one of the WebUI's model "
+                         f"folders. Move it to {models_dir()} (or set the job's output folder there) and refresh.")
+    return title
+
+
 def models_view_rows() -> list[dict]:
     """GET /bksdm/v1/models: the Models view, each BK checkpoint of the list with its costs and speed."""
     from . import timings
