@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import gradio as gr
 from count_job import KIND
 
 from bksdm_ext.jobs.runner import Runner, RunnerSettings
@@ -97,3 +98,10 @@ def tiny_distill_values(teacher, data, steps: int = 8) -> dict:
             "gradient_accumulation_steps": 1, "max_steps": steps, "mixed_precision": "no", "teacher_half": False,
             "num_workers": 0, "checkpoint_every": 2, "sample_every": steps, "sample_steps": 2,
             "sample_prompts": ["a photo of a square"], "log_every": 1, "channels_last": False}
+
+
+def queued_request(origin: str | None, host: str = "127.0.0.1:7860") -> gr.Request:
+    """What gradio 3.41's queue hands a handler: the WebSocket's url and headers (queueing.get_request_params)."""
+    headers = {"host": host, **({"origin": origin} if origin else {})}
+    return gr.Request(url=f"ws://{host}/queue/join", headers=headers, query_params={}, path_params={},
+                      client={"host": "127.0.0.1", "port": 50000})

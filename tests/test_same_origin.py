@@ -18,7 +18,7 @@ import gradio as gr
 import httpx
 import pytest
 from fastapi import FastAPI
-from jobs_helpers import make_runner, serve, wait_for
+from jobs_helpers import make_runner, serve, wait_for, queued_request
 
 from bksdm_ext.jobs.api import jobs_router
 from bksdm_ext.jobs.guard import AccessGuard
@@ -201,13 +201,6 @@ def test_app_serves_only_the_images_its_page_showed(app_server, tmp_path):
 
 # --- the tab's handlers as the WebUI runs them ----------------------------------------------------
 
-def queued_request(origin: str | None, host: str = "127.0.0.1:7860") -> gr.Request:
-    """What gradio 3.41's queue hands a handler: the WebSocket's url and headers (queueing.get_request_params)."""
-    headers = {"host": host, **({"origin": origin} if origin else {})}
-    return gr.Request(url=f"ws://{host}/queue/join", headers=headers, query_params={}, path_params={},
-                      client={"host": "127.0.0.1", "port": 50000})
-
-
 @pytest.fixture
 def webui_tab(tmp_path):
     """The tab as the WebUI adapter builds it (webui/extension.py: its guard and origin from cmd_opts)."""
@@ -233,11 +226,11 @@ def test_webui_handlers_refuse_foreign_pages(webui_tab):
     foreign = [queued_request(EVIL), queued_request(None, host="attacker.example:7860"),
                queued_request("http://attacker.example:7860", host="attacker.example:7860"), None]
     for request in foreign:
-        answer = launch(request, *form)
+        answer = launch(request, *form)[0]  # (message, the id of the job made)
         assert "Launching a job is refused" in answer, answer
     assert runner.list() == [] and job_folders(runner) == []
 
-    assert "follow it in the Jobs tab" in launch(queued_request("http://127.0.0.1:7860"), *form)
+    assert "follow it in the Jobs tab" in launch(queued_request("http://127.0.0.1:7860"), *form)[0]
     job = runner.list()[0]
     wait_for(runner, job.id, "done")
     for request in foreign:

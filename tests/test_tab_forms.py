@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-from jobs_helpers import make_runner, write_tiny_dataset
+from jobs_helpers import make_runner, queued_request, write_tiny_dataset
 
 from bksdm_ext import kinds
 from bksdm_ext.errors import BKSDMError
@@ -48,6 +48,9 @@ def runner(tmp_path):
 
 def by_id(tab, elem_id):
     return next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+OWN = queued_request(None)  # the tab's own page, as gradio's queue hands it to a handler
 
 
 def handler(tab, elem_id, event="click"):
@@ -174,9 +177,9 @@ def test_model_pickers_offer_the_known_checkpoints_and_map_titles_to_files(runne
     fields = DistillConfig.settings()
     raw = [s.default if s.type != "list" else "\n".join(s.default) for s in fields]
     raw[[s.name for s in fields].index("teacher")] = "models/teacher-folder"
-    message, job = handler(tab, "bksdm_launch_distill")(None, *raw)
+    message, job = handler(tab, "bksdm_launch_distill")(OWN, *raw)
     assert "Data folder" in message and job == ""  # got past the teacher: its title became a real folder
-    assert handler(tab, "bksdm_distill_teacher_refresh")(None)["choices"] == list(known_checkpoints(runner))
+    assert handler(tab, "bksdm_distill_teacher_refresh")(OWN)["choices"] == list(known_checkpoints(runner))
 
 
 def test_folder_picker_lists_server_folders_behind_the_guard(runner, tmp_path):
@@ -186,13 +189,13 @@ def test_folder_picker_lists_server_folders_behind_the_guard(runner, tmp_path):
     here, subs = list_folders(str(tmp_path / "a" / "missing" / "deeper"))
     assert here == str((tmp_path / "a").resolve()) and subs == [UP, "b"]
     tab = build_tab(TabContext(runner, AccessGuard()))
-    path, listing, note = handler(tab, "bksdm_distill_data_browse")(str(tmp_path / "a"), None)
+    path, listing, note = handler(tab, "bksdm_distill_data_browse")(str(tmp_path / "a"), OWN)
     assert path == str((tmp_path / "a").resolve()) and listing["choices"] == [UP, "b"]
-    path, listing, _ = handler(tab, "bksdm_distill_data_folders", "input")(path, "b", None)
+    path, listing, _ = handler(tab, "bksdm_distill_data_folders", "input")(path, "b", OWN)
     assert path == str((tmp_path / "a" / "b").resolve())
     # a server others can reach lists nothing
     exposed = build_tab(TabContext(runner, AccessGuard(listen=True)))
-    path, listing, note = handler(exposed, "bksdm_distill_data_browse")(str(tmp_path / "a"), None)
+    path, listing, note = handler(exposed, "bksdm_distill_data_browse")(str(tmp_path / "a"), OWN)
     assert path == gr.update() and "Listing server folders is refused" in note["value"]
 
 
@@ -213,10 +216,10 @@ def test_check_data_reports_images_captions_skips_and_thumbnails(runner, tmp_pat
     fields = DistillConfig.settings()
     raw = [s.default if s.type != "list" else "\n".join(s.default) for s in fields]
     raw[[s.name for s in fields].index("data")] = str(data)
-    message, thumbs = handler(tab, "bksdm_distill_check")(None, *raw)
+    message, thumbs = handler(tab, "bksdm_distill_check")(OWN, *raw)
     assert "5 images with captions" in message and thumbs["visible"] and len(thumbs["value"]) == 4
     raw[[s.name for s in fields].index("data")] = str(tmp_path / "empty")
-    message, thumbs = handler(tab, "bksdm_distill_check")(None, *raw)
+    message, thumbs = handler(tab, "bksdm_distill_check")(OWN, *raw)
     assert "no usable pair" in message and not thumbs["visible"]
 
 
@@ -294,7 +297,7 @@ def test_use_in_txt2img_selects_only_a_done_job_checkpoint(held, tmp_path):
         use_in_txt2img(TabContext(runner, AccessGuard()), job.id)
     # the button: a message and the title the page hands to the WebUI's selectCheckpoint
     tab = build_tab(context)
-    message, title = handler(tab, "bksdm_use")(job.id, None)
+    message, title = handler(tab, "bksdm_use")(job.id, OWN)
     assert title == "BK-SDM/bk" and "Selected BK-SDM/bk" in message
     assert not by_id(build_tab(TabContext(runner, AccessGuard())), "bksdm_use").visible  # bksdm app: absent
 
@@ -305,18 +308,18 @@ def test_the_jobs_view_follows_the_job_just_launched_and_sets_the_buttons(held, 
     tab = build_tab(TabContext(runner, AccessGuard()))
     second = runner.submit("held", {"source": source_file(tmp_path / "b.safetensors")})
     follow = next(fn.fn for fn in tab.fns if getattr(fn.fn, "__name__", "") == "follow")
-    out = follow(first.id, {}, None)
+    out = follow(first.id, {}, OWN)
     assert out[2]["value"] == first.id and f"<b>{first.id}</b>" in out[3]
     cancel, resume, relaunch, delete, _, use = out[8:14]
     assert runner.get(first.id).state == "queued"
     assert cancel["interactive"] and relaunch["interactive"] and delete["interactive"]
     assert resume["interactive"] is False and use["interactive"] is False
     runner.cancel(first.id)
-    out = follow(first.id, {}, None)
+    out = follow(first.id, {}, OWN)
     assert out[8]["interactive"] is False and out[12]["interactive"]  # cancelled: no Cancel; Delete yes
-    out = follow(second.id, {}, None)
+    out = follow(second.id, {}, OWN)
     assert out[2]["value"] == second.id
-    assert follow("", {}, None) == [gr.update()] * len(out)  # a refused launch moves nothing
+    assert follow("", {}, OWN) == [gr.update()] * len(out)  # a refused launch moves nothing
 
 
 # --- the Models view ---------------------------------------------------------------------------
@@ -338,7 +341,7 @@ def test_models_view_lists_bk_checkpoints_of_the_app(runner, tmp_path):
     assert model_rows(runner) == []
     context = TabContext(runner, AccessGuard(), models_rows=lambda: [])
     tab = build_tab(context)
-    table, message = handler(tab, "bksdm_models_refresh")(None)
+    table, message = handler(tab, "bksdm_models_refresh")(OWN)
     assert "No BK-SDM checkpoint" in table[0][0]
 
 
