@@ -104,7 +104,7 @@ def test_a_bk_trained_lora_is_unchanged():
     assert lora.made_for(tensors, {}, "small") == lora.MadeFor("small", "keys")
     partial = {k: v for k, v in tensors.items() if k.startswith("lora_unet_input_blocks_1_1_")}
     guessed = lora.made_for(partial, {}, "small")
-    assert guessed.layout == "small" and "Settings > BK-SDM" in guessed.note
+    assert guessed.layout == "small" and guessed.ambiguous and "fit both SD and BK-SDM-Small" in guessed.note
     assert lora.made_for(partial, {}, "small", from_sd=True).layout == "teacher"
 
 

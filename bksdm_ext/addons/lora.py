@@ -140,6 +140,7 @@ class MadeFor:
     layout: str
     reason: str  # how it was decided: 'metadata', 'base model', 'keys', 'setting'
     note: str = ""  # said to the user when the decision is a guess
+    ambiguous: bool = False  # the keys fit SD too: the user may want to override it
 
 
 def unet_keys(keys) -> list[LoraKey]:
@@ -177,8 +178,7 @@ def made_for(keys, metadata: dict | None, target: str, base_layout: str | None =
             return MadeFor("teacher", "setting")
         title = layouts.get_layout(target).title
         return MadeFor(target, "keys", f"its keys fit both SD and {title}: taken as made for {title} and applied "
-                                       "unchanged. If it was trained on SD-1.x/2.x, add its name to Settings > "
-                                       "BK-SDM > 'LoRAs made for SD'.")
+                                       "unchanged.", ambiguous=True)
     if target in fits:
         return MadeFor(target, "keys")
     if from_sd or "teacher" in fits:

@@ -38,7 +38,13 @@ class NetworkReport:
     def console(self) -> str:
         made = "made for SD" if self.made_for.layout == "teacher" else f"made for {self.made_for.layout}"
         text = f"[BK-SDM] LoRA {self.summary} ({made}, from its {self.made_for.reason})"
-        return text + (f". {self.made_for.note}" if self.made_for.note else "")
+        return text + (f". {self.note()}" if self.note() else "")
+
+    def note(self) -> str:
+        if self.made_for.ambiguous:
+            return self.made_for.note + (" If it was trained on SD-1.x/2.x, add its name to Settings > BK-SDM > "
+                                         "'LoRAs made for SD'.")
+        return self.made_for.note
 
 
 class LoraPatch:
@@ -96,7 +102,7 @@ class LoraPatch:
             finally:
                 self._pending.file = None
             net.bksdm_layout, net.bksdm_report = layout, report
-            if report.changed or report.made_for.note:
+            if report.changed or report.note():
                 self.say(report.console())
             return net
 
@@ -142,5 +148,5 @@ def infotext(networks, p) -> None:
     if changed:
         p.extra_generation_params[INFOTEXT_KEY] = "; ".join(changed)
     for report in found:
-        if report.made_for.note:
-            p.comment(f"BK-SDM: LoRA {report.name}: {report.made_for.note}")
+        if report.note():
+            p.comment(f"BK-SDM: LoRA {report.name}: {report.note()}")
