@@ -141,3 +141,6 @@ def test_positional_extensions_are_named_when_active():
     p.script_args[2] = {"enabled": True}
     problems = positional_conflicts(SimpleNamespace(hypertile_enable_unet=True), p)
     assert [w.split()[0] for w in problems] == ["Hypertile", "ControlNet", "AnimateDiff"]
+    # those our patches place by the layout are not problems
+    placed = positional_conflicts(SimpleNamespace(hypertile_enable_unet=True), p, {"hypertile", "controlnet"})
+    assert [w.split()[0] for w in placed] == ["AnimateDiff"]

@@ -159,3 +159,120 @@ def sd_model_with(unet: torch.nn.Module):
     wrapper.diffusion_model = unet
     return types.SimpleNamespace(model=wrapper)
 
+
+
+# --- the ControlNet extension (Mikubill/sd-webui-controlnet v1.1.455, 56cec5b2) ----------------------
+# scripts/hook.py's UnetHook.hook reduced to what places residuals: per unit the control model's 13
+# residuals, scaled (weight, soft injection 0.825**(12-i), advanced weighting) and passed one by one,
+# in SD order, through ControlParams.apply_effective_region_mask; then the replaced forward adds them
+# by popping from the end: the middle block first, then output block k. `aligned_adding` is upstream's;
+# `added` records what it adds to what.
+CONTROLNET_HOOK = r'''
+import enum
+import torch
+from ldm.modules.diffusionmodules.util import timestep_embedding
+
+added = []
+
+
+class ControlModelType(enum.Enum):
+    ControlNet = "ControlNet, Lvmin Zhang"
+    T2I_Adapter = "T2I_Adapter, Chong Mou"
+    AttentionInjection = "AttentionInjection, Lvmin Zhang"
+    IPAdapter = "IPAdapter, Hu Ye"
+    Controlllite = "Controlllite, Kohya"
+
+
+class ControlParams:
+    def __init__(self, control_model, weight, control_model_type, soft_injection=False, advanced_weighting=None):
+        self.control_model, self.weight, self.control_model_type = control_model, weight, control_model_type
+        self.soft_injection, self.advanced_weighting = soft_injection, advanced_weighting
+        self.effective_region_mask = None
+
+    def apply_effective_region_mask(self, out):
+        return out
+
+
+def aligned_adding(base, x, require_channel_alignment):
+    added.append((base, x))
+    if isinstance(x, float):
+        if x == 0.0:
+            return base
+        return base + x
+    base_h, base_w = base.shape[-2:]
+    xh, xw = x.shape[-2:]
+    if xh > 1 or xw > 1:
+        if base_h != xh or base_w != xw:
+            x = torch.nn.functional.interpolate(x, size=(base_h, base_w), mode="nearest")
+    return base + x
+
+
+class UnetHook:
+    def hook(self, model, sd_ldm, control_params, process, batch_option_uint_separate=False,
+             batch_option_style_align=False):
+        self.model, self.control_params = model, control_params
+        outer = self
+
+        def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
+            total_controlnet_embedding = [0.0] * 13
+            for param in outer.control_params:
+                control = param.control_model(x=x, hint=None, timesteps=timesteps, context=context, y=y)
+                control_scales = [param.weight] * 13
+                if param.soft_injection:
+                    control_scales = [param.weight * (0.825 ** float(12 - i)) for i in range(13)]
+                if param.advanced_weighting is not None:
+                    control_scales = param.advanced_weighting
+                control = [param.apply_effective_region_mask(c * scale) for c, scale in zip(control, control_scales)]
+                for idx, item in enumerate(control):
+                    total_controlnet_embedding[idx] = item + total_controlnet_embedding[idx]
+            hs = []
+            emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False))
+            h = x
+            for module in self.input_blocks:
+                h = module(h, emb, context)
+                hs.append(h)
+            h = self.middle_block(h, emb, context)
+            h = aligned_adding(h, total_controlnet_embedding.pop(), False)
+            for module in self.output_blocks:
+                h = torch.cat([h, aligned_adding(hs.pop(), total_controlnet_embedding.pop(), False)], dim=1)
+                h = module(h, emb, context)
+            return self.out(h)
+
+        model._original_forward = model.forward
+        model.forward = forward.__get__(model, type(model))
+
+    def restore(self):
+        if hasattr(self.model, "_original_forward"):
+            self.model.forward = self.model._original_forward
+            del self.model._original_forward
+
+
+class Script:
+    models = {}  # unit.model -> ControlModel-like (with .type)
+
+    @staticmethod
+    def load_control_model(p, unet, model):
+        return Script.models[model]
+
+    @staticmethod
+    def get_enabled_units(p):
+        return [unit for unit in p.units if unit.enabled]
+'''
+
+
+def controlnet_extension() -> types.ModuleType:
+    """The stand-in scripts/hook.py + Script, run as one module (the WebUI's scripts_data entry's module)."""
+    module = types.ModuleType("controlnet")
+    exec(compile(CONTROLNET_HOOK, "hook.py", "exec"), module.__dict__)  # noqa: S102 - our own test source
+    return module
+
+
+class FixedControlModel(torch.nn.Module):
+    """A PlugableControlModel stand-in: the same 13 residuals, shaped like SD's skips, at every call."""
+
+    def __init__(self, residuals):
+        super().__init__()
+        self.residuals = [r.clone() for r in residuals]
+
+    def forward(self, **kwargs):
+        return [r.clone() for r in self.residuals]

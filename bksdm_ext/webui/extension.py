@@ -20,6 +20,7 @@ class _Extension:
     guard = None
     lent = False  # the hand-off unloaded the model and a generation brought it back
     lora = None  # the LoraPatch of the built-in Lora extension, once installed
+    placed: frozenset = frozenset()  # block-positional extensions our patches place: "controlnet", "hypertile"
 
 
 ext = _Extension()
@@ -140,9 +141,29 @@ def on_ui_settings() -> None:
         shared.opts.add_option(key, option)
 
 
+def patch_positional() -> None:
+    """ControlNet and Hypertile follow the BK layout, once their scripts are loaded; idempotent."""
+    if "controlnet" not in ext.placed:
+        from modules import scripts
+
+        from . import controlnet
+
+        found = controlnet.find(getattr(scripts, "scripts_data", []))
+        if found is not None:
+            controlnet.ControlNetPatch(*found, loader.loaded_layout).install()
+            ext.placed |= {"controlnet"}
+    if "hypertile" not in ext.placed and "hypertile" in sys.modules:
+        from . import hypertile
+
+        hypertile.install(sys.modules["hypertile"], loader.loaded_layout)
+        ext.placed |= {"hypertile"}
+
+
 def on_app_started(demo, app) -> None:
     from ..jobs.api import jobs_router
     from .models import routes
+
+    patch_positional()
 
     routes(app, _guard())
     app.include_router(jobs_router(runner(), _guard()))
@@ -174,7 +195,8 @@ def infotext(p) -> None:
         return
     title = layouts.get_layout(info["layout"]).title
     p.extra_generation_params["BK-SDM"] = f"{info['layout']} ({info['version']})"
-    problems = positional_conflicts(shared.opts, p)
+    patch_positional()
+    problems = positional_conflicts(shared.opts, p, ext.placed)
     for problem in problems:
         p.comment(f"BK-SDM: {problem} — it does not apply to {title}.")  # shown under the image
     if problems:  # and kept with the image, also for API callers (who do not get the comments)
