@@ -18,23 +18,24 @@ def lora_layers(unet) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
 
 
-def random_lora(layers: dict[str, torch.nn.Module], names: dict[str, str], seed: int = 0, peft: bool = False):
+def random_lora(layers: dict[str, torch.nn.Module], names: dict[str, str], seed: int = 0, peft: bool = False,
+                rank: int = RANK, size: float = 0.1):
     """A LoRA on every layer; `names` maps a module name to the file's module key (without part)."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for module_name, layer in layers.items():
         key = names[module_name]
         if isinstance(layer, torch.nn.Conv2d):
-            down = torch.randn(RANK, layer.in_channels, *layer.kernel_size, generator=generator)
-            up = torch.randn(layer.out_channels, RANK, 1, 1, generator=generator)
+            down = torch.randn(rank, layer.in_channels, *layer.kernel_size, generator=generator)
+            up = torch.randn(layer.out_channels, rank, 1, 1, generator=generator)
         else:
-            down = torch.randn(RANK, layer.in_features, generator=generator)
-            up = torch.randn(layer.out_features, RANK, generator=generator)
+            down = torch.randn(rank, layer.in_features, generator=generator)
+            up = torch.randn(layer.out_features, rank, generator=generator)
         if peft:
-            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down * 0.1, up * 0.1
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down * size, up * size
         else:
-            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down * 0.1, up * 0.1
-            tensors[f"{key}.alpha"] = torch.tensor(float(RANK) * (1 + len(tensors) % 3))
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down * size, up * size
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank) * (1 + len(tensors) % 3))
     return tensors
 
 
