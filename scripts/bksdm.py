@@ -28,6 +28,9 @@ class BKSDM(scripts.Script):
         extension.infotext(p)
         timings.begin(p)
 
+    def process_batch(self, p, *args, **kwargs):
+        extension.process_batch(p)
+
     def before_hr(self, p, *args):
         timings.before_hr(p)
 

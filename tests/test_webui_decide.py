@@ -152,6 +152,9 @@ def test_positional_extensions_are_named_when_active():
     p.script_args[2] = {"enabled": True}
     problems = positional_conflicts(SimpleNamespace(hypertile_enable_unet=True), p)
     assert [w.split()[0] for w in problems] == ["Hypertile", "ControlNet", "AnimateDiff"]
+    # those our patches place by the layout are not problems
+    placed = positional_conflicts(SimpleNamespace(hypertile_enable_unet=True), p, {"hypertile", "controlnet"})
+    assert [w.split()[0] for w in placed] == ["AnimateDiff"]
 
 
 @pytest.mark.parametrize("spec", ["down=2,1,1,2 mid=no", "down=1,2,1,1 mid=yes", "down=2,2,1 mid=yes",

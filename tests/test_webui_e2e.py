@@ -168,26 +168,32 @@ def checkpoints() -> dict[str, Path]:
     return files
 
 
-def launch(name: str, ckpt: Path, *flags: str, probe: str | None = None) -> WebUI:
+def launch(name: str, ckpt: Path, *flags: str, probe: str | None = None, extensions: dict[str, Path] | None = None,
+           env: dict[str, str] | None = None, lora_dir: Path | None = None, prepare=None) -> WebUI:
     """A WebUI with this extension in a fresh data dir, once its model is loaded.
 
-    `probe`: the source of a test-only script, installed as one more extension loaded after ours.
+    `probe`: the source of a test-only script, installed as one more extension loaded after ours;
+    `extensions`: other extensions' trees, copied in by name; `prepare(data_dir)`: runs before launch.
     """
     data = WORK / f"data-{name}"
     shutil.rmtree(data, ignore_errors=True)
     (data / "extensions").mkdir(parents=True)
     os.symlink(REPO, data / "extensions" / "sd-webui-bk-sdm")
+    for folder, tree in (extensions or {}).items():
+        shutil.copytree(tree, data / "extensions" / folder, ignore=shutil.ignore_patterns(".git"))
+    if prepare:
+        prepare(data)
     if probe:
         (data / "extensions" / "zz-bksdm-probe" / "scripts").mkdir(parents=True)
         (data / "extensions" / "zz-bksdm-probe" / "scripts" / "probe.py").write_text(probe)
     port = _free_port()
     log = WORK / f"webui-{name}.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
     command = [WEBUI_PYTHON, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-install",
                "--skip-version-check", "--use-cpu", "all", "--no-half", "--no-half-vae", "--api",
                "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model",
                "--disable-nan-check", "--data-dir", str(data), "--ckpt-dir", str(WORK / "ckpts"),
-               "--lora-dir", str(_write_lora(WORK / "lora")), "--ckpt", str(ckpt), *flags]
+               "--lora-dir", str(lora_dir or _write_lora(WORK / "lora")), "--ckpt", str(ckpt), *flags]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=WEBUI_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -379,14 +385,14 @@ def test_lora_in_ldm_naming_applies_to_a_bk_layout(webui):
     assert "bk-test" in json.loads(on["info"])["infotexts"][0]
 
 
-def test_positional_extensions_are_reported_on_bk_layouts(webui):
+def test_hypertile_follows_the_bk_layout(webui):
     if not (Path(WEBUI_DIR) / "extensions-builtin" / "hypertile").is_dir():
         pytest.skip("this WebUI has no Hypertile (built in from 1.7.0)")
     webui.switch("small-v1")
     webui.post("/sdapi/v1/options", {"hypertile_enable_unet": True})
     try:
         infotext = json.loads(webui.txt2img()["info"])["infotexts"][0]
-        assert "BK-SDM warning: Hypertile" in infotext
+        assert "Hypertile U-Net: True" in infotext and "BK-SDM warning" not in infotext
     finally:
         webui.post("/sdapi/v1/options", {"hypertile_enable_unet": False})
 

@@ -5,7 +5,7 @@ import torch
 
 from bksdm_ext import layouts
 from bksdm_ext.ldm_config import ldm_model_config
-from bksdm_ext.webui.lora_names import lora_key_to_ldm
+from bksdm_ext.addons.lora import module_to_ldm as lora_key_to_ldm
 
 
 def ldm_module_keys(layout):
@@ -50,4 +50,5 @@ def test_removed_blocks_and_foreign_keys_give_none():
     assert lora_key_to_ldm("lora_unet_mid_block_resnets_1_time_emb_proj", "base") == \
         "diffusion_model_middle_block_2_emb_layers_1"
     assert lora_key_to_ldm("lora_te_text_model_encoder_layers_0_self_attn_q_proj", "small") is None
-    assert lora_key_to_ldm("lora_unet_input_blocks_1_1_proj_in", "small") is None
+    assert lora_key_to_ldm("lora_unet_input_blocks_1_1_proj_in", "small") == "diffusion_model_input_blocks_1_1_proj_in"
+    assert lora_key_to_ldm("lora_unet_input_blocks_8_1_proj_in", "small") is None  # SD's, removed on BK

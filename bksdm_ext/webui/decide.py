@@ -204,16 +204,18 @@ POSITIONAL = {
 }
 
 
-def positional_conflicts(opts, p) -> list[str]:
+def positional_conflicts(opts, p, placed=frozenset()) -> list[str]:
     """What active in this generation addresses U-Net blocks by SD's positions (WebUI options, and the
-    always-on scripts of `p` with an enabled unit among their arguments)."""
+    always-on scripts of `p` with an enabled unit among their arguments), leaving out the extensions
+    in `placed`, whose blocks our patches place by the layout."""
     problems = []
-    if getattr(opts, "hypertile_enable_unet", False) or getattr(opts, "hypertile_enable_unet_secondpass", False):
+    if "hypertile" not in placed and (getattr(opts, "hypertile_enable_unet", False)
+                                      or getattr(opts, "hypertile_enable_unet_secondpass", False)):
         problems.append("Hypertile U-Net picks SD's attention blocks by position")
     for script in getattr(getattr(p, "scripts", None), "alwayson_scripts", []):
         name = script.title().lower().replace(" ", "") if hasattr(script, "title") else ""
         for key, why in POSITIONAL.items():
-            if key in name and _enabled(p.script_args[script.args_from:script.args_to]):
+            if key in name and key not in placed and _enabled(p.script_args[script.args_from:script.args_to]):
                 problems.append(why)
     return problems
 

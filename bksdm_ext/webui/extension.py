@@ -11,7 +11,6 @@ from modules import script_callbacks, sd_models, shared
 from .. import layouts
 from . import checkpoints, loader
 from .decide import positional_conflicts
-from .lora_names import lora_key_to_ldm
 
 SECTION = ("bksdm", "BK-SDM")
 
@@ -21,6 +20,8 @@ class _Extension:
     guard = None
     origin = None
     lent = False  # the hand-off unloaded the model and a generation brought it back
+    lora = None  # the LoraPatch of the built-in Lora extension, once installed
+    placed: frozenset = frozenset()  # block-positional extensions our patches place: "controlnet", "hypertile"
 
 
 ext = _Extension()
@@ -153,15 +154,38 @@ def on_ui_settings() -> None:
         "bksdm_vram_handoff": shared.OptionInfo(
             True, "Unload the WebUI's model while BK-SDM training jobs use the GPU (CUDA only)"),
         "bksdm_max_gpu_jobs": shared.OptionInfo(1, "BK-SDM jobs running on the GPU at once"),
+        "bksdm_lora_from_sd": shared.OptionInfo(
+            "", "LoRAs made for SD: names (comma-separated, * for all) placed by the block map on BK models even "
+                "when their keys also fit the BK layout"),
     }
     for key, option in options.items():
         option.section = SECTION
         shared.opts.add_option(key, option)
 
 
+def patch_positional() -> None:
+    """ControlNet and Hypertile follow the BK layout, once their scripts are loaded; idempotent."""
+    if "controlnet" not in ext.placed:
+        from modules import scripts
+
+        from . import controlnet
+
+        found = controlnet.find(getattr(scripts, "scripts_data", []))
+        if found is not None:
+            controlnet.ControlNetPatch(*found, loader.loaded_layout).install()
+            ext.placed |= {"controlnet"}
+    if "hypertile" not in ext.placed and "hypertile" in sys.modules:
+        from . import hypertile
+
+        hypertile.install(sys.modules["hypertile"], loader.loaded_layout)
+        ext.placed |= {"hypertile"}
+
+
 def on_app_started(demo, app) -> None:
     from ..jobs.api import jobs_router
     from .models import routes
+
+    patch_positional()
 
     logins = _logins(app)
     routes(app, _guard(), _origin(), logins)
@@ -201,27 +225,54 @@ def infotext(p) -> None:
         return
     title = layouts.get_layout(info["layout"]).title
     p.extra_generation_params["BK-SDM"] = f"{info['layout']} ({info['version']})"
-    problems = positional_conflicts(shared.opts, p)
+    patch_positional()
+    problems = positional_conflicts(shared.opts, p, ext.placed)
     for problem in problems:
         p.comment(f"BK-SDM: {problem} — it does not apply to {title}.")  # shown under the image
     if problems:  # and kept with the image, also for API callers (who do not get the comments)
         p.extra_generation_params["BK-SDM warning"] = ", ".join(problem.split()[0] for problem in problems)
 
 
-def _bk_lora_names(original):
-    def convert_diffusers_name_to_compvis(key, is_sd2):
-        layout = loader.loaded_layout()
-        converted = lora_key_to_ldm(key, layout) if layout else None
-        return converted if converted is not None else original(key, is_sd2)
+def _lora_base_layout(hashes: list[str]) -> str | None:
+    """The layout of the user's checkpoint with one of these hashes (kohya's `ss_*` base-model hashes:
+    full sha256 or the WebUI's legacy short hash), read from its header; None when none matches."""
+    from .decide import check, header_tensors
 
-    return convert_diffusers_name_to_compvis
+    for info in list(sd_models.checkpoints_list.values()):
+        known = {h.lower() for h in (getattr(info, "sha256", None), getattr(info, "hash", None)) if h}
+        if not known & set(hashes) or not info.filename.lower().endswith(".safetensors"):
+            continue
+        try:
+            detection = check(header_tensors(info.filename)[0])
+        except Exception:  # noqa: BLE001 - a broken file names no layout; the keys decide
+            return None
+        return detection.layout if detection is not None else "teacher"
+    return None
 
 
-def patch_lora_names(*_) -> None:
-    """Place diffusers-named LoRA keys by the loaded BK layout in the built-in Lora extension."""
+def _lora_from_sd(name: str) -> bool:
+    """Settings > BK-SDM > 'LoRAs made for SD': names, comma-separated, or * for all."""
+    names = {n.strip() for n in str(getattr(shared.opts, "bksdm_lora_from_sd", "") or "").split(",") if n.strip()}
+    return "*" in names or name in names
+
+
+def patch_lora(*_) -> None:
+    """Place every LoRA applied to a BK model by the block map, in the built-in Lora extension."""
+    from .lora import LoraPatch
+
     networks = sys.modules.get("networks")  # extensions-builtin/Lora loads before user extensions
-    if networks is not None and hasattr(networks, "convert_diffusers_name_to_compvis"):
-        loader.wrap(networks, "convert_diffusers_name_to_compvis", _bk_lora_names)
+    if networks is not None and hasattr(networks, "load_network") and ext.lora is None:
+        ext.lora = LoraPatch(networks, sd_models, loader.loaded_layout, _lora_base_layout, _lora_from_sd)
+        ext.lora.install()
+
+
+def process_batch(p) -> None:
+    """After the extra networks are active: the placed/dropped counts of the LoRAs in the infotext."""
+    from . import lora
+
+    networks = sys.modules.get("networks")
+    if networks is not None and loader.loaded_layout():
+        lora.infotext(networks, p)
 
 
 def setup() -> None:
@@ -230,8 +281,8 @@ def setup() -> None:
     loader.install()
     checkpoints.install()
     timings.install()
-    patch_lora_names()
-    script_callbacks.on_model_loaded(patch_lora_names)
+    patch_lora()
+    script_callbacks.on_model_loaded(patch_lora)
     script_callbacks.on_model_loaded(on_model_loaded)
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_app_started(on_app_started)

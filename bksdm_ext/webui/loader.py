@@ -22,8 +22,8 @@ from modules import sd_models, sd_models_config
 
 from ..errors import BKSDMError
 from .decide import Decision, check, decide, header_tensors, key_check
+from .patching import wrap
 
-_MARK = "__bksdm_wrapped__"
 
 
 @dataclass
@@ -163,16 +163,6 @@ def _load_with_preflight(original):
             return original(checkpoint_info, *args, **kwargs)
 
     return load_model
-
-
-def wrap(module, name: str, make) -> None:
-    original = getattr(module, name)
-    if getattr(original, _MARK, False):
-        return  # already wrapped: "Reload UI" imports our script again
-    wrapped = make(original)
-    wrapped.__wrapped__ = original
-    setattr(wrapped, _MARK, True)
-    setattr(module, name, wrapped)
 
 
 def install() -> None:
