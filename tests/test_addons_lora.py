@@ -86,7 +86,8 @@ def test_lyco_modules_are_renamed_with_their_tensors_untouched():
 
 
 def test_a_bk_trained_lora_is_unchanged():
-    from bksdm_ext.train.dreambooth import UNET_LORA_TARGETS, add_lora, webui_lora_state_dict
+    from bksdm_ext.train.dreambooth import UNET_LORA_TARGETS
+    from bksdm_ext.train.lora import add_lora, webui_lora_state_dict
 
     student = tiny_unet("small", "v1", seed=1)
     add_lora(student, 4, 4.0, UNET_LORA_TARGETS)
