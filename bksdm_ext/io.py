@@ -18,12 +18,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import BKSDMError
 
-StateDict = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+StateDict = dict[str, "torch.Tensor"]  # torch is imported where tensors are read: text writes stay light
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # A diffusers component folder holds its weights under one of these names, best first.
@@ -70,6 +72,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def read_pickle_weights(path: str | os.PathLike) -> StateDict:
     """A `.ckpt` / `.pt` / `.bin` state dict, loaded only if torch's `weights_only` unpickler accepts it."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise BKSDMError(f"{path} does not exist.")
