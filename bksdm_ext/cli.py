@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "bksdm_ext.commands.report",
     "bksdm_ext.commands.train",
     "bksdm_ext.commands.timing",
+    "bksdm_ext.commands.evaluate",
     "bksdm_ext.commands.app",
 )
 

@@ -331,13 +331,13 @@ def write_safetensors(path: str | os.PathLike, tensors: StateDict, metadata: dic
     return target
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically."""
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file atomically."""
     target = Path(path)
     tmp = _temp_path(target)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -345,6 +345,11 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
         raise
     _replace(tmp, target)
     return target
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (UTF-8)."""
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:

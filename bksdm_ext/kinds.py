@@ -117,4 +117,6 @@ register(Kind("dreambooth", "DreamBooth", "bksdm_ext.train.config:DreamBoothConf
               help="DreamBooth personalisation (full or LoRA) of a BK-SDM or SD model"))
 register(Kind("convert", "Import / Convert", "bksdm_ext.jobs.convert_job:ConvertConfig", "bksdm_ext.jobs.convert_job:run",
               gpu=False, help="import a model (diffusers folder or single file) for the WebUI or diffusers"))
+register(Kind("evaluate", "Evaluate", "bksdm_ext.evaluate.config:EvaluateConfig", "bksdm_ext.evaluate.run:run",
+              help="FID, IS, CLIP score and teacher distance of a teacher and its students, from local weights"))
 _BUILTIN = frozenset(_KINDS)

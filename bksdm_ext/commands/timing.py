@@ -18,18 +18,18 @@ def _open_store(args):
 
 
 def add_commands(sub) -> None:
-    from ..timings.protocol import K_SAMPLERS, SCHEDULES, Protocol
+    from ..timings.protocol import SAMPLERS, SCHEDULES, Protocol
 
     default = Protocol()
     p = sub.add_parser("bench-generate", help="time image generation with the paper's protocol "
                        "(512x512, 20 steps, DPM++ 2M Karras, CFG 7, seed 1234) and record it")
-    p.add_argument("models", nargs="+", type=Path, help="diffusers pipeline folders (e.g. SD-v1.5 and BK-SDM-Base-2M)")
+    p.add_argument("models", nargs="+", type=Path, help="diffusers pipeline folders or single-file checkpoints (e.g. SD-v1.5 and BK-SDM-Base-2M)")
     p.add_argument("--images", type=int, default=default.images, help="measured images per model")
     p.add_argument("--warmup", type=int, default=default.warmup, help="warm-up images per model, not recorded")
     p.add_argument("--steps", type=int, default=default.steps)
     p.add_argument("--width", type=int, default=default.width)
     p.add_argument("--height", type=int, default=default.height)
-    p.add_argument("--sampler", default=default.sampler, choices=list(K_SAMPLERS))
+    p.add_argument("--sampler", default=default.sampler, choices=list(SAMPLERS))
     p.add_argument("--schedule", default=default.schedule, choices=SCHEDULES)
     p.add_argument("--cfg", type=float, default=default.cfg_scale)
     p.add_argument("--seed", type=int, default=default.seed)

@@ -26,35 +26,22 @@ open_clip models are created with `pretrained=None` and their weights read throu
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .. import io
 from ..errors import BKSDMError
+from .weights import CLIP_HELP, INCEPTION_URL, inception_file, sha256
 
-INCEPTION_FILE = "inception-2015-12-05.pt"
-INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 FID_VARIANT = "clean-fid clean"  # named beside every FID: the paper's is pytorch-fid
 IS_SPLITS = 10
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 STATS_FORMAT = "bksdm-fid-stats-1"
-CLIP_HELP = ("open_clip weights as .safetensors (or a .bin/.pt state dict, read with weights_only=True); the "
-             "paper's is ViT-g-14 laion2b_s34b_b88k, open_clip_pytorch_model.bin of "
-             "https://huggingface.co/laion/CLIP-ViT-g-14-laion2B-s34B-b88K")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- Inception: FID features and IS logits ------------------------------------------------------
@@ -97,19 +84,6 @@ class Inception:
             raise BKSDMError("No images to compute Inception features of.")
         return get_files_features([str(f) for f in files], model=self, num_workers=0, batch_size=batch_size,
                                   device=self.device, mode="clean", verbose=False)
-
-
-def inception_file(path: str | os.PathLike) -> Path:
-    """The Inception TorchScript file: `path` itself, or `inception-2015-12-05.pt` in the folder `path`."""
-    path = Path(path).expanduser()
-    file = path / INCEPTION_FILE if path.is_dir() or not path.suffix else path
-    if file.name != INCEPTION_FILE:
-        raise BKSDMError(f"{file}: clean-fid reads the Inception weights under the name {INCEPTION_FILE}; "
-                         f"rename the file or give its folder.")
-    if not file.is_file():
-        raise BKSDMError(f"The Inception weights {file} are missing: download {INCEPTION_URL} (92 MB, clean-fid's "
-                         f"FID network) into {file.parent}. Nothing is downloaded at run time.")
-    return file
 
 
 # --- FID ----------------------------------------------------------------------------------------
@@ -194,14 +168,19 @@ def reference_statistics(reference: str | os.PathLike, inception: Inception, bat
 # --- IS -----------------------------------------------------------------------------------------
 
 
+def is_splits(images: int, splits: int = IS_SPLITS) -> int:
+    """The parts IS is averaged over: 10, or 1 below 20 images (a part of one image always scores 1)."""
+    return splits if images >= 2 * splits else 1
+
+
 def inception_score(logits: np.ndarray, splits: int = IS_SPLITS) -> tuple[float, float]:
-    """(mean, std) over `splits` parts of exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016)."""
+    """(mean, std) over parts of exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016); `is_splits` parts."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     if logits.ndim != 2 or len(logits) == 0:
         raise BKSDMError("The Inception Score needs a (N, classes) array of logits with N >= 1.")
     log_p = torch.log_softmax(logits, dim=1)
     scores = []
-    for part in torch.tensor_split(log_p, min(splits, len(log_p))):
+    for part in torch.tensor_split(log_p, is_splits(len(log_p), splits)):
         log_marginal = torch.logsumexp(part, dim=0) - np.log(len(part))
         kl = (part.exp() * (part - log_marginal)).sum(dim=1).mean()
         scores.append(float(kl.exp()))
@@ -367,7 +346,3 @@ def teacher_distance(teacher_images: Sequence, student_images: Sequence, clip: C
         similarity = float(cosine_similarities(*embeddings).mean())
     return TeacherDistance(pixel_mse=total / count, clip_image_similarity=similarity, images=count)
 
-
-def batched(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

@@ -16,6 +16,9 @@ K_SAMPLERS = {  # WebUI name -> k_diffusion.sampling function name
     "DPM++ 2M": "sample_dpmpp_2m",
     "DPM++ SDE": "sample_dpmpp_sde",
 }
+# Samplers run by a diffusers scheduler only: PNDM (PLMS), SD-v1's own and the paper's evaluation sampler
+DIFFUSERS_SAMPLERS = ("PNDM",)
+SAMPLERS = (*K_SAMPLERS, *DIFFUSERS_SAMPLERS)
 SCHEDULES = ("karras", "normal")
 
 
@@ -36,8 +39,8 @@ class Protocol:
     strength: float | None = None  # img2img (SDEdit) denoising strength; None for txt2img
 
     def validate(self) -> None:
-        if self.sampler not in K_SAMPLERS:
-            raise BKSDMError(f"Unknown sampler {self.sampler!r}: choose one of {', '.join(K_SAMPLERS)}.")
+        if self.sampler not in SAMPLERS:
+            raise BKSDMError(f"Unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}.")
         if self.schedule not in SCHEDULES:
             raise BKSDMError(f"Unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
         if self.width % 8 or self.height % 8 or self.width <= 0 or self.height <= 0:
