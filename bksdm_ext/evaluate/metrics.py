@@ -5,7 +5,7 @@ BKSDMError naming it and where to get it.
 
 - FID: clean-fid 0.1.35 in its "clean" mode (PIL bicubic resize to 299 px in float, no quantisation),
   on the pool3 features of Inception-v3 (TensorFlow's 2015-12-05 graph as stylegan2-ada's TorchScript),
-  Fréchet distance by clean-fid. The paper (BK-SDM §5) used pytorch-fid on 30K images against the 41K
+  then the Fréchet distance (computed as clean-fid's, faster: see `frechet_distance`). The paper (BK-SDM §5) used pytorch-fid on 30K images against the 41K
   MS-COCO val2014 statistics: a FID of another variant, N or reference is a different number.
 - IS: from the same network, softmax of the logits without the output bias (as the original TF code,
   stylegan2-ada and torch-fidelity), 10 splits: one weight file for FID and IS.
@@ -138,12 +138,28 @@ class FIDStatistics:
 
 
 def frechet_distance(a: FIDStatistics, b: FIDStatistics) -> float:
-    """clean-fid's Fréchet distance between two feature Gaussians; both from the same variant."""
-    from cleanfid.fid import frechet_distance as clean_frechet
+    """d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), of two feature Gaussians of the same variant.
 
+    clean-fid's `frechet_distance` takes scipy's `sqrtm` of the 2048x2048 product: 3 to 5 minutes per FID
+    on a 2-core CPU. The same trace comes from two symmetric eigendecompositions in seconds (and stays
+    exact for the rank-deficient covariances of fewer than 2048 images): with S_a = R R^T on its range,
+    (S_a S_b)^1/2 has the square roots of the eigenvalues of R^T S_b R. Tests check it against clean-fid's.
+    """
     if a.variant != b.variant:
         raise BKSDMError(f"FID statistics of different variants ({a.variant!r} and {b.variant!r}) do not compare.")
-    return float(clean_frechet(a.mu, a.sigma, b.mu, b.sigma))
+    if a.mu.shape != b.mu.shape:
+        raise BKSDMError(f"FID statistics of {a.mu.shape[0]} and {b.mu.shape[0]} features do not compare.")
+    diff = a.mu - b.mu
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * trace_sqrt_product(a.sigma, b.sigma))
+
+
+def trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
+    """Tr((S_a S_b)^1/2) of two covariance matrices."""
+    values, vectors = np.linalg.eigh(sigma_a)
+    keep = values > values.max() * len(values) * np.finfo(np.float64).eps  # S_a's range
+    root = vectors[:, keep] * np.sqrt(values[keep])  # S_a = root @ root.T
+    inner = np.linalg.eigvalsh(root.T @ sigma_b @ root)
+    return float(np.sqrt(np.clip(inner, 0, None)).sum())
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
