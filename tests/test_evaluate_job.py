@@ -61,7 +61,7 @@ def test_a_teacher_and_its_student_evaluated_through_the_runner(models, weights,
     folder = Path(job.folder)
     results = json.loads((folder / "results.json").read_text())
     teacher, student = results["models"]
-    assert (teacher["role"], student["role"], student["layout"]) == ("teacher", "student", "bk_small")
+    assert (teacher["role"], student["role"], student["layout"]) == ("teacher", "student", "small")
     assert results["images"] == 4 and results["fid_variant"] == "clean-fid clean"
     assert results["reference"]["images"] == 5 and results["protocol"]["sampler"] == "PNDM"
     for model in (teacher, student):
@@ -79,17 +79,12 @@ def test_a_teacher_and_its_student_evaluated_through_the_runner(models, weights,
     assert np.array_equal(cell, np.asarray(Image.open(folder / "images" / "m1" / "00000.png").convert("RGB")))
     csv_rows = (folder / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 3 and "fid_variant" in csv_rows[0] and "clean-fid clean" in csv_rows[2]
-    assert "Teacher distance" in runner_log(folder) or "FID" in runner_log(folder)
-
-
-def runner_log(folder: Path) -> str:
-    return (folder / "log.txt").read_text()
+    log = (folder / "log.txt").read_text()
+    assert "Teacher distance of model 2/2" in log and "For reference only" in log  # the table, printed
 
 
 def test_images_match_the_benchmark_engine_and_resume_after_cancel_regenerates_none(models, tmp_path, monkeypatch):
     """Cancelled after 3 images, the job resumes with them untouched (mtimes, and a count of generated images)."""
-    import torch
-
     from bksdm_ext.evaluate import run as evaluate_run
     from bksdm_ext.evaluate.config import EvaluateConfig
     from bksdm_ext.job import JobFolder
@@ -130,12 +125,12 @@ def test_images_match_the_benchmark_engine_and_resume_after_cancel_regenerates_n
     images, _ = bench.Generator(pipe)(protocol, [1235], prompts=["a photo of thing number 1"])
     expected = np.asarray(Image.fromarray(images[0].permute(1, 2, 0).numpy()))
     assert np.array_equal(np.asarray(Image.open(folder.root / "images" / "m1" / "00001.png")), expected)
-    assert torch.equal(images, bench.Generator(pipe)(protocol, [1235], prompts=["a photo of thing number 1"])[0])
 
     # a changed protocol is not mixed with old images: a resume regenerates them
+    before = len(made)
     changed = EvaluateConfig.from_dict({**config.to_dict(), "steps": 3})
     evaluate_run.run(changed, folder.root, "latest")
-    assert len(made) == 12
+    assert len(made) == before + 6
 
 
 def test_cli_prints_the_table_and_the_history_lists_every_evaluation(models, weights, tmp_path, capsys):

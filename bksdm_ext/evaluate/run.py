@@ -63,7 +63,7 @@ def check_weights(config: EvaluateConfig, names) -> None:
     if "fid" in names or "is" in names:
         from .metrics import Inception
 
-        del Inception(config.inception, "cpu")
+        Inception(config.inception, "cpu")
 
 
 def model_dir(images_root: Path, index: int) -> Path:
