@@ -98,9 +98,9 @@ def read_pickle_weights(path: str | os.PathLike) -> StateDict:
 def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
     """Tensors and metadata of a single weights file, by its suffix."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         return read_safetensors(path)
-    if path.suffix in PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         return read_pickle_weights(path), {}
     raise BKSDMError(f"{path}: unknown weights format; use .safetensors (or .ckpt/.pt/.bin).")
 
@@ -122,10 +122,50 @@ class DiffusersFolder:
         return set(self.weights) != {"unet"} or "model_index" in self.configs
 
 
-def is_diffusers_folder(path: str | os.PathLike) -> bool:
+# --- what a model source is: the one answer (training configs, the convert job, loaders ask here) ---
+
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)  # single files `read_weights` reads
+
+
+def unet_folder(path: str | os.PathLike) -> tuple[Path, Path | None] | None:
+    """(the U-Net's folder, the pipeline root or None) of a diffusers pipeline or lone U-Net folder, else None.
+
+    A pipeline has unet/config.json (and usually model_index.json); a lone U-Net folder has config.json
+    and a diffusion_pytorch_model* weights file.
+    """
     path = Path(path)
-    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir()
-                              or _weights_file(path, "diffusion_pytorch_model") is not None)
+    if (path / "unet" / "config.json").is_file():
+        return path / "unet", path
+    if (path / "config.json").is_file() and _weights_file(path, "diffusion_pytorch_model") is not None:
+        return path, None
+    return None
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and unet_folder(path) is not None
+
+
+def is_weights_file(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES
+
+
+def check_model_source(source: str, name: str, hub: bool = True) -> None:
+    """A model is a diffusers folder, a single weights file, or (with `hub`) an id 'owner/name' (needs internet).
+
+    Raises BKSDMError naming `name` (the setting) and what to give instead.
+    """
+    if not source:
+        raise BKSDMError(f"Set {name}: a diffusers folder or a .safetensors/.ckpt checkpoint.")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if unet_folder(path) is None:
+            raise BKSDMError(f"{name} {source} is a folder without unet/config.json: give a diffusers pipeline folder.")
+    elif path.is_file():
+        if not is_weights_file(path):
+            raise BKSDMError(f"{name} {source} is not a .safetensors or {'/'.join(PICKLE_SUFFIXES)} checkpoint.")
+    elif not hub or os.path.isabs(source) or source.count("/") != 1 or source.startswith((".", "~")):
+        raise BKSDMError(f"{name} {source} does not exist: give an existing folder or checkpoint file.")
 
 
 def _weights_file(folder: Path, stem: str) -> Path | None:
@@ -331,13 +371,13 @@ def write_safetensors(path: str | os.PathLike, tensors: StateDict, metadata: dic
     return target
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write a file atomically."""
+def _write_file(path: str | os.PathLike, write, mode: str = "wb", encoding: str | None = None) -> Path:
+    """Write a file atomically: `write(f)` fills a temporary file beside it, flushed, then renamed over it."""
     target = Path(path)
     tmp = _temp_path(target)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, mode, encoding=encoding) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -348,8 +388,14 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically (UTF-8)."""
-    return write_bytes(path, text.encode("utf-8"))
+    """Write a text file atomically."""
+    return _write_file(path, lambda f: f.write(text), "w", "utf-8")
+
+
+def write_image(path: str | os.PathLike, image, format: str | None = None) -> Path:
+    """Save a PIL image atomically (its format from the suffix unless given)."""
+    format = format or (Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+    return _write_file(path, lambda f: image.save(f, format=format))
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:

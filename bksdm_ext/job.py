@@ -70,6 +70,7 @@ class JobFolder:
     samples = property(lambda self: self.root / "samples")
     tb = property(lambda self: self.root / "tb")
     output = property(lambda self: self.root / "output")
+    class_images = property(lambda self: self.root / "class_images")  # DreamBooth's generated class images
     owned_outputs = property(lambda self: self.root / "outputs.json")
 
     def create(self) -> "JobFolder":
@@ -209,6 +210,10 @@ class Progress:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def public(self) -> dict[str, Any]:
+        """What the REST API and the tab show of it (the runner's record says state and message)."""
+        return {name: getattr(self, name) for name in PUBLIC_PROGRESS}
+
     def write(self, path: str | os.PathLike) -> None:
         """Write atomically (readers see the old progress or the new one)."""
         from .io import write_text
@@ -226,7 +231,8 @@ class Progress:
 
 
 _PROGRESS_FIELDS = frozenset(f.name for f in dataclasses.fields(Progress))
-PROGRESS_KEYS = tuple(f.name for f in dataclasses.fields(Progress))
+PUBLIC_PROGRESS = ("step", "total_steps", "losses", "samples_per_s", "eta_s", "last_checkpoint", "last_sample",
+                   "output", "updated")
 
 
 def _fits(f: dataclasses.Field, value: Any) -> bool:

@@ -194,9 +194,9 @@ def check_value(s: Setting, value: Any) -> None:
         raise BKSDMError(f"{s.name} must be one of {', '.join(map(str, s.choices))}, not {value!r}.")
     if s.type in ("int", "float"):
         if s.min is not None and value < s.min:
-            raise BKSDMError(f"{s.name} must be at least {s.min}, not {value}.")
+            raise BKSDMError(f"{s.name} must be at least {s.min}.")
         if s.max is not None and value > s.max:
-            raise BKSDMError(f"{s.name} must be at most {s.max}, not {value}.")
+            raise BKSDMError(f"{s.name} must be at most {s.max}.")
         if s.multiple_of and value % s.multiple_of:
             raise BKSDMError(f"{s.name} must be a multiple of {s.multiple_of}, not {value}.")
 

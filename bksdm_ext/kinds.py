@@ -115,7 +115,8 @@ register(Kind("distill", "Distill", "bksdm_ext.train.config:DistillConfig", "bks
 register(Kind("dreambooth", "DreamBooth", "bksdm_ext.train.config:DreamBoothConfig",
               "bksdm_ext.train.dreambooth:train",
               help="DreamBooth personalisation (full or LoRA) of a BK-SDM or SD model"))
-register(Kind("convert", "Import / Convert", "bksdm_ext.jobs.convert_job:ConvertConfig", "bksdm_ext.jobs.convert_job:run",
+register(Kind("convert", "Import / Convert", "bksdm_ext.jobs.convert_job:ConvertConfig",
+              "bksdm_ext.jobs.convert_job:run",
               gpu=False, help="import a model (diffusers folder or single file) for the WebUI or diffusers"))
 register(Kind("evaluate", "Evaluate", "bksdm_ext.evaluate.config:EvaluateConfig", "bksdm_ext.evaluate.run:run",
               help="FID, IS, CLIP score and teacher distance of a teacher and its students, from local weights"))

@@ -15,6 +15,7 @@ import yaml
 
 from . import layouts
 from .errors import BKSDMError
+from .io import write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -80,14 +81,13 @@ def config_name(layout: str, version: str) -> str:
 def config_path(layout: str, version: str) -> Path:
     """The shipped yaml of a BK layout; one path per layout and version."""
     if not layouts.get_layout(layout).is_student:
-        raise BKSDMError("The teacher uses the WebUI's own SD config; shipped yamls are for base, small, tiny.")
+        raise BKSDMError("The teacher uses the WebUI's own SD config; shipped yamls are for "
+                         f"{', '.join(layouts.STUDENTS)}.")
     return CONFIG_DIR / config_name(layout, layouts.get_version(version).name)
 
 
 def write_yaml_for(checkpoint: str | os.PathLike, layout: str, version: str, unet_config: dict | None = None) -> Path:
     """Write `<checkpoint stem>.yaml` beside a checkpoint, atomically."""
-    from .io import write_text
-
     text = render(ldm_model_config(layout, version, unet_config), layout, version)
     return write_text(Path(checkpoint).with_suffix(".yaml"), text)
 
@@ -104,7 +104,7 @@ def shipped_configs() -> dict[Path, str]:
 def main() -> int:
     CONFIG_DIR.mkdir(exist_ok=True)
     for path, text in shipped_configs().items():
-        path.write_text(text)
+        write_text(path, text)
         print(path.relative_to(CONFIG_DIR.parent.parent))
     return 0
 

@@ -7,16 +7,14 @@ import shutil
 from pathlib import Path
 
 from .errors import BKSDMError
-from .io import new_folder
+from .io import new_folder, unet_folder
 
 
 def unet_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """(the U-Net's folder, the pipeline root or None) of a pipeline folder or a unet folder."""
-    path = Path(path)
-    if (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():
-        return path / "unet", path
-    if (path / "config.json").is_file() and any(path.glob("diffusion_pytorch_model*")):
-        return path, None
+    found = unet_folder(path)
+    if found is not None:
+        return found
     raise BKSDMError(
         f"{path} is not a diffusers folder: expected model_index.json with a unet/ folder (a pipeline, "
         "e.g. a download of nota-ai/bk-sdm-small) or a unet folder with config.json and its weights."

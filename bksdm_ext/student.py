@@ -58,7 +58,7 @@ def build_student(teacher, layout: str):
 
     lay = layouts.get_layout(layout)
     if not lay.is_student:
-        raise BKSDMError("Choose a student layout to build: base, small or tiny.")
+        raise BKSDMError(f"Choose a student layout to build: {', '.join(layouts.STUDENTS)}.")
     config = layouts.student_unet_config(dict(teacher.config), lay)
     with torch.device("meta"):
         skeleton = UNet2DConditionModel(**config)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from bksdm_ext.io import folder_bytes
-from bksdm_ext.train import core
+from bksdm_ext.job import JobFolder, PARTIAL_PREFIX, run_job
+from bksdm_ext.train import checkpoints
 from bksdm_ext.train.config import DistillConfig
 from train_helpers import one_thread, one_thread_env, progress, run_module, small_settings, write_images  # noqa: F401
 
@@ -24,16 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_checkpoints_needed_counts_the_peak_of_writing_before_pruning():
     # steps 2, 4, 6, 8 and the end: five writes
-    assert core.checkpoints_needed(0, 10, 2, keep=0, existing=0) == 5
-    assert core.checkpoints_needed(0, 10, 2, keep=3, existing=0) == 4  # three kept + the one being written
-    assert core.checkpoints_needed(0, 10, 2, keep=1, existing=0) == 2
-    assert core.checkpoints_needed(4, 10, 2, keep=3, existing=2) == 2  # resumed: 6, 8, end; two held already
-    assert core.checkpoints_needed(0, 10, 0, keep=3, existing=0) == 1  # only at the end (or a cancel)
-    assert core.checkpoints_needed(0, 10, 2, keep=2, existing=5) == 1  # more held than kept: one at a time
+    assert checkpoints.checkpoints_needed(0, 10, 2, keep=0, existing=0) == 5
+    assert checkpoints.checkpoints_needed(0, 10, 2, keep=3, existing=0) == 4  # three kept + the one being written
+    assert checkpoints.checkpoints_needed(0, 10, 2, keep=1, existing=0) == 2
+    assert checkpoints.checkpoints_needed(4, 10, 2, keep=3, existing=2) == 2  # resumed: 6, 8, end; two held already
+    assert checkpoints.checkpoints_needed(0, 10, 0, keep=3, existing=0) == 1  # only at the end (or a cancel)
+    assert checkpoints.checkpoints_needed(0, 10, 2, keep=2, existing=5) == 1  # more held than kept: one at a time
     params = [torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(2, 5))]
     adamw = torch.optim.AdamW(params)
-    assert core.checkpoint_bytes(params, True, adamw) == 20 * 4 * (1 + 1 + 2)  # weights, EMA, two moments
-    assert core.checkpoint_bytes(params, False, adamw) == 20 * 4 * 3
+    assert checkpoints.checkpoint_bytes(params, True, adamw) == 20 * 4 * (1 + 1 + 2)  # weights, EMA, two moments
+    assert checkpoints.checkpoint_bytes(params, False, adamw) == 20 * 4 * 3
 
 
 def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_its_first_step(tmp_path, tiny_pipeline_v1, one_thread,
@@ -44,17 +45,17 @@ def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_its_first_step(tmp
     # a checkpoint every step, all kept, for a billion steps: petabytes
     DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
                   **small_settings(max_steps=10**9, checkpoint_every=1, checkpoints_keep=0)).save(job / "config.toml")
-    assert core.run_job("distill", job) == 1
+    assert run_job("distill", job) == 1
     state = progress(job)
     assert state["state"] == "failed" and state["message"].startswith("Not enough disk space")
     assert "checkpoints_keep" in state["message"] and "checkpoint(s) of about" in state["message"]
-    assert not state.get("step") and not (job / "losses.csv").exists() and not core.checkpoint_dirs(job)
+    assert not state.get("step") and not (job / "losses.csv").exists() and not JobFolder(job).complete_checkpoints()
 
     # keeping two is what the disk allows: the same job then runs
     DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
                   **small_settings(max_steps=2, checkpoint_every=1, checkpoints_keep=2)).save(job / "config.toml")
     capsys.readouterr()
-    assert core.run_job("distill", job) == 0 and progress(job)["state"] == "done"
+    assert run_job("distill", job) == 0 and progress(job)["state"] == "done"
     # what was checked is in the log: steps 1 and 2 each write one, both kept
     assert re.search(r"Disk: 2 checkpoint\(s\) of about [\d.]+ MB and the finished model: up to [\d.]+ MB of "
                      r"[\d.]+ [GT]B free under ", capsys.readouterr().out)
@@ -89,18 +90,18 @@ def test_a_disk_that_fills_mid_run_fails_clearly_and_keeps_the_last_checkpoint(t
     job.mkdir()
     settings = small_settings(max_steps=12, checkpoint_every=1, checkpoints_keep=0, log_every=10**6)
     DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings).save(job / "config.toml")
-    process = subprocess.Popen([sys.executable, "-m", "bksdm_ext.train", "distill", "--job-dir", str(job)], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "bksdm_ext.job", "distill", "--job-dir", str(job)], cwd=REPO,
                                env=one_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         import time
 
         end = time.time() + 240
-        while len(core.checkpoint_dirs(job)) < 2:
+        while len(JobFolder(job).complete_checkpoints()) < 2:
             assert process.poll() is None, process.stdout.read()
             assert time.time() < end, "timed out"
             time.sleep(0.02)
         process.send_signal(signal.SIGSTOP)  # nothing is written or freed while the disk fills
-        size = folder_bytes(core.checkpoint_dirs(job)[0])
+        size = folder_bytes(JobFolder(job).complete_checkpoints()[0])
         filler = _fill(small_disk, leave=size // 2)  # the next checkpoint cannot fit
         process.send_signal(signal.SIGCONT)
         output, _ = process.communicate(timeout=240)
@@ -108,20 +109,20 @@ def test_a_disk_that_fills_mid_run_fails_clearly_and_keeps_the_last_checkpoint(t
         process.kill()
     assert process.returncode == 1, output
     state = progress(job)
-    last = core.checkpoint_dirs(job)[-1]
+    last = JobFolder(job).complete_checkpoints()[-1]
     assert state["state"] == "failed", output
     assert state["message"].startswith("The disk is full") and f"{last.name}, is intact" in state["message"]
-    assert not list((job / "checkpoints").glob(f"{core.PARTIAL_PREFIX}*")), "the partial checkpoint is removed"
+    assert not list((job / "checkpoints").glob(f"{PARTIAL_PREFIX}*")), "the partial checkpoint is removed"
     # ... and its space given back: all that was left free, but the few pages of progress.json and the like
     assert shutil.disk_usage(small_disk).free >= size // 2 - (64 << 10)
-    tensors, training, rng, saved = core.load_checkpoint(last)
+    tensors, training, rng, saved = checkpoints.load_checkpoint(last)
     assert saved["step"] == int(last.name.split("-")[1]) and "optimizer" in training and rng
 
     # free the space, resume from that checkpoint: the job finishes
     os.unlink(filler)
     DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
                   **{**settings, "max_steps": saved["step"] + 1}).save(job / "config.toml")
-    result = run_module(["bksdm_ext.train", "distill", "--job-dir", str(job), "--resume", "latest"])
+    result = run_module(["bksdm_ext.job", "distill", "--job-dir", str(job), "--resume", "latest"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Resumed from {last}" in result.stdout and progress(job)["state"] == "done"
 

@@ -203,3 +203,114 @@ def test_toml_and_json_round_trip_with_the_kind(tmp_path):
     (tmp_path / "bad.toml").write_text("steps = = 3")
     with pytest.raises(BKSDMError, match="not valid TOML"):
         EchoConfig.load(tmp_path / "bad.toml")
+
+
+def test_convert_config_coerces_types_like_the_other_kinds():
+    from bksdm_ext.jobs.convert_job import ConvertConfig
+
+    config = ConvertConfig.from_dict({"kind": "convert", "source": Path("/m/x.safetensors"), "half": "false"})
+    assert config.source == "/m/x.safetensors" and config.half is False
+    with pytest.raises(BKSDMError, match="half must be a bool"):
+        ConvertConfig.from_dict({"half": "maybe"})
+    assert all(s.labelled and s.group for s in ConvertConfig.settings())
+
+
+# --- CLI and tab from one description -----------------------------------------------------------
+
+
+def _parser():
+    import argparse
+
+    from bksdm_ext.commands import train as train_commands
+
+    parser = argparse.ArgumentParser(prog="bksdm")
+    train_commands.add_commands(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def _cli_settings(parser, kind: str) -> list[str]:
+    sub = next(a for a in parser._actions if a.dest == "command").choices[kind]
+    prefix = "setting_"
+    return [a.dest[len(prefix):] for a in sub._actions if a.dest.startswith(prefix)]
+
+
+@pytest.mark.parametrize("name", ["distill", "dreambooth", "count"])
+def test_the_tab_and_the_cli_agree_on_the_settings_and_which_are_the_kind_own(name):
+    import count_job  # noqa: F401  (registers the test kind)
+
+    from bksdm_ext.ui.tab import form_fields
+
+    cls = kinds.get(name).config_class()
+    fields = form_fields(cls)
+    assert _cli_settings(_parser(), name) == [f.name for f in fields]
+    own = [f.name for f in fields if f.own]
+    assert own == [s.name for s in cls.settings() if s.own]
+    if name == "dreambooth":  # its own recipe defaults are still the shared recipe's settings
+        assert "resolution" not in own and "base_model" in own and "max_steps" not in own
+    for s in cls.settings():  # every setting has a human label and a group
+        assert s.labelled and s.label != s.name.replace("_", " ") and s.group in job_config.GROUPS, s.name
+
+
+def test_positional_and_multi_value_settings_become_positional_arguments(echo, tmp_path):
+    from bksdm_ext import cli
+
+    args = cli.build_parser().parse_args(["echo", "a.safetensors", "b", "--steps", "3", "--job-dir",
+                                          str(tmp_path / "j"), "--write-only"])
+    assert args.run(args) == 0
+    assert EchoConfig.load(tmp_path / "j" / "config.toml") == EchoConfig(models=["a.safetensors", "b"], steps=3)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["echo", "--steps", "3"])  # MODEL [MODEL ...] is required
+
+
+# --- one home for each fact ---------------------------------------------------------------------
+
+
+def _code_strings(path: Path):
+    """(node, parent) of string constants in a module's code, docstrings left out."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    for parent in ast.walk(tree):
+        for child in ast.iter_child_nodes(parent):
+            if isinstance(child, ast.Constant) and isinstance(child.value, str) and id(child) not in docstrings:
+                yield child, parent
+
+
+def test_the_job_folder_names_and_the_list_of_kinds_live_in_one_module_each():
+    import ast
+
+    package = Path(job.__file__).resolve().parent
+    names = set(kinds.all())
+    found: dict[str, set[str]] = {"progress.json": set(), "cancel": set(), "kind list": set(), "kind test": set()}
+    for path in sorted(package.rglob("*.py")):
+        module = str(path.relative_to(package))
+        for node, parent in _code_strings(path):
+            if "progress.json" in node.value:
+                found["progress.json"].add(module)
+            if node.value == "cancel":
+                found["cancel"].add(module)
+            if isinstance(parent, ast.Compare) and node.value in names:
+                found["kind test"].add(module)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+                items = node.keys if isinstance(node, ast.Dict) else node.elts
+                if len({i.value for i in items if isinstance(i, ast.Constant) and i.value in names}) >= 2:
+                    found["kind list"].add(module)
+    assert found == {"progress.json": {"job.py"}, "cancel": {"job.py"}, "kind list": set(), "kind test": set()}
+    assert "register(Kind(" in Path(kinds.__file__).read_text()  # the built-in kinds, one line each
+
+
+def test_the_contract_modules_import_nothing_from_the_layers_above():
+    import ast
+
+    for module in (job, kinds, job_config):
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+        imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m.lstrip(".").split(".")[0] in ("train", "jobs", "ui", "webui", "torch")]

@@ -7,14 +7,14 @@ import pytest
 from jobs_helpers import make_runner, wait_for
 
 from bksdm_ext.errors import BKSDMError
-from bksdm_ext.jobs.kinds import BUILTIN_KINDS
+from bksdm_ext import kinds
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def runner(tmp_path):
-    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS)
+    runner = make_runner(tmp_path / "data", kinds=kinds.all())
     yield runner
     runner.close()
 

@@ -8,7 +8,7 @@ import psutil
 import pytest
 from jobs_helpers import make_runner, tiny_distill_values, wait_for, wait_until, write_tiny_dataset
 
-from bksdm_ext.jobs.kinds import BUILTIN_KINDS
+from bksdm_ext import kinds
 from bksdm_ext.jobs.runner import LaunchSettings
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def runner(tmp_path):
-    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS, cancel_grace_s=60)
+    runner = make_runner(tmp_path / "data", kinds=kinds.all(), cancel_grace_s=60)
     yield runner
     for job in runner.list():
         if job.state in ("running", "cancelling") and job.pid:
@@ -63,13 +63,13 @@ def test_distill_killed_resumed_cancelled_resumed_done(runner, tiny_pipeline_v1,
 
 
 def test_two_rank_accelerate_job_cancels_as_one_tree(tiny_pipeline_v1, tmp_path):
-    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS, launch=LaunchSettings(num_processes=2))
+    runner = make_runner(tmp_path / "data", kinds=kinds.all(), launch=LaunchSettings(num_processes=2))
     try:
         data = write_tiny_dataset(tmp_path / "dataset")
         job = runner.submit("distill", tiny_distill_values(tiny_pipeline_v1, data, steps=200))
         wait_until(lambda: runner.progress(job.id).get("step", 0) >= 1, 180, "the first step")
         tree = psutil.Process(runner.get(job.id).pid).children(recursive=True)
-        ranks = [p for p in tree if "bksdm_ext.train" in " ".join(p.cmdline())]
+        ranks = [p for p in tree if "bksdm_ext.job" in " ".join(p.cmdline())]
         assert len(ranks) == 2 and "on 2 process(es)" in runner.log_tail(job.id)
         runner.cancel(job.id)  # both ranks see the cancel file, checkpoint together and exit
         job = wait_for(runner, job.id, "cancelled", timeout=120)

@@ -15,8 +15,9 @@ import pytest
 from jobs_helpers import TESTS_DIR, make_runner, wait_for, wait_until
 
 from bksdm_ext.errors import BKSDMError
-from bksdm_ext.jobs import process, toml
-from bksdm_ext.jobs.kinds import JobKind
+from bksdm_ext import job_config as toml
+from bksdm_ext.jobs import process
+from bksdm_ext.kinds import Kind
 from bksdm_ext.jobs.runner import LaunchSettings, job_command, job_marker
 from bksdm_ext.jobs.store import JobStore
 
@@ -43,7 +44,7 @@ def test_queued_running_done_one_gpu_job_at_a_time(runner):
     wait_for(runner, second.id, "running")
     done = wait_for(runner, second.id, "done")
     folder = Path(done.folder)
-    assert toml.read(folder / "config.toml") == {"steps": 3, "step_s": 0.1, "checkpoint_every": 2,
+    assert toml.read_toml(folder / "config.toml") == {"kind": "count", "steps": 3, "step_s": 0.1, "checkpoint_every": 2,
                                                  "label": "second", "ignore_cancel": False, "spawn_child": False}
     progress = runner.progress(second.id)
     assert (progress["state"], progress["step"], progress["total_steps"]) == ("done", 3, 3)
@@ -364,8 +365,8 @@ def test_delete_refuses_running_jobs_and_removes_finished_ones(runner):
 def test_relaunch_runs_the_edited_config_toml(runner):
     job = runner.submit("count", {"steps": 2, "step_s": 0.05})
     wait_for(runner, job.id, "done")
-    config = toml.read(Path(job.folder) / "config.toml")
-    toml.write(Path(job.folder) / "config.toml", {**config, "steps": 3})
+    config = toml.read_toml(Path(job.folder) / "config.toml")
+    toml.write_toml(Path(job.folder) / "config.toml", {**config, "steps": 3})
     again = wait_for(runner, runner.relaunch(job.id).id, "done")
     assert again.id != job.id and runner.progress(again.id)["step"] == 3
 
@@ -447,9 +448,9 @@ def test_background_thread_drives_the_queue(tmp_path):
 def test_accelerate_command_for_several_processes_parses():
     from accelerate.commands.launch import launch_command_parser
 
-    kind = JobKind("distill", "Distillation", "x:Y")
+    kind = Kind("distill", "Distillation", "x:Y", "x:run")
     single = job_command(kind, Path("/jobs/a"), False, LaunchSettings())
-    assert single == [sys.executable, "-m", "bksdm_ext.train", "distill", "--job-dir", "/jobs/a"]
+    assert single == [sys.executable, "-m", "bksdm_ext.job", "distill", "--job-dir", "/jobs/a"]
     launch = LaunchSettings(num_processes=4, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
                             extra_args=("--mixed_precision", "fp16"))
     command = job_command(kind, Path("/jobs/a"), True, launch)
@@ -458,10 +459,10 @@ def test_accelerate_command_for_several_processes_parses():
     assert (args.num_processes, args.num_machines, args.machine_rank, args.main_process_ip) == (4, 2, 1, "10.0.0.1")
     assert args.multi_gpu and args.module and args.mixed_precision == "fp16"
     assert (args.training_script, args.training_script_args) == (
-        "bksdm_ext.train", ["distill", "--job-dir", "/jobs/a", "--resume", "latest"])
+        "bksdm_ext.job", ["distill", "--job-dir", "/jobs/a", "--resume", "latest"])
     # a job kind that needs no GPU never goes through accelerate
-    convert = JobKind("convert", "Convert", "x:Y", gpu=False)
-    assert job_command(convert, Path("/j"), False, launch)[1:3] == ["-m", "bksdm_ext.train"]
+    convert = Kind("convert", "Convert", "x:Y", "x:run", gpu=False)
+    assert job_command(convert, Path("/j"), False, launch)[1:3] == ["-m", "bksdm_ext.job"]
 
 
 def test_progress_of_an_earlier_attempt_is_not_trusted(runner):

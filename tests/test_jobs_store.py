@@ -7,7 +7,7 @@ import time
 import pytest
 
 from bksdm_ext.errors import BKSDMError
-from bksdm_ext.jobs import toml
+from bksdm_ext import job_config as toml
 from bksdm_ext.jobs.store import JobStore
 
 
@@ -49,15 +49,15 @@ def test_toml_round_trip(tmp_path):
         "prompts": ["a cat", "ünïcode\ttab"], "nested": {"a": 1, "deep": {"b": [1.5, 2]}}, "empty": None,
         "big": math.inf, "key with space": "x",
     }
-    toml.write(tmp_path / "c.toml", data)
-    back = toml.read(tmp_path / "c.toml")
+    toml.write_toml(tmp_path / "c.toml", data)
+    back = toml.read_toml(tmp_path / "c.toml")
     expected = {k: v for k, v in data.items() if v is not None}
     assert back == expected
     with pytest.raises(BKSDMError, match="Cannot write when"):
         toml.dumps({"when": time})
     (tmp_path / "bad.toml").write_text("steps = = 3")
     with pytest.raises(BKSDMError, match="not valid TOML"):
-        toml.read(tmp_path / "bad.toml")
+        toml.read_toml(tmp_path / "bad.toml")
 
 
 def test_a_lost_or_damaged_store_is_rebuilt_from_the_job_folders(tmp_path):

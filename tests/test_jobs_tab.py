@@ -4,7 +4,7 @@ import pytest
 from jobs_helpers import make_runner
 
 from bksdm_ext.jobs.guard import AccessGuard
-from bksdm_ext.jobs.kinds import BUILTIN_KINDS
+from bksdm_ext import kinds
 from bksdm_ext.train.config import DistillConfig, DreamBoothConfig
 from bksdm_ext.ui.tab import TabContext, _guarded, _loss_frame, build_tab, form_fields, form_values
 
@@ -37,7 +37,7 @@ def test_form_shows_the_kind_own_settings_first_with_help_and_choices():
 
 
 def test_tab_builds_for_every_kind_and_errors_are_text(tmp_path):
-    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS)
+    runner = make_runner(tmp_path / "data", kinds=kinds.all())
     try:
         context = TabContext(runner, AccessGuard(listen=True))
         tab = build_tab(context)
@@ -63,7 +63,7 @@ def test_tab_builds_for_every_kind_and_errors_are_text(tmp_path):
 
 
 def test_user_mistakes_in_the_distill_form_are_readable_and_make_no_job(tmp_path):
-    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS)
+    runner = make_runner(tmp_path / "data", kinds=kinds.all())
     try:
         from bksdm_ext.errors import BKSDMError
 
@@ -81,7 +81,7 @@ def test_user_mistakes_in_the_distill_form_are_readable_and_make_no_job(tmp_path
 
 
 def test_form_defaults_of_the_host_replace_the_config_defaults(tmp_path):
-    runner = make_runner(tmp_path / "data", kinds=BUILTIN_KINDS)
+    runner = make_runner(tmp_path / "data", kinds=kinds.all())
     try:
         context = TabContext(runner, AccessGuard(), form_defaults={"distill": {"output_dir": "/models/Stable-diffusion"}})
         tab = build_tab(context)

@@ -15,7 +15,9 @@ from bksdm_ext import layouts
 from bksdm_ext.errors import BKSDMError
 from bksdm_ext.student import build_student
 from bksdm_ext.train import cache as core_cache
-from bksdm_ext.train import core, losses
+from bksdm_ext.job import JobFolder
+from bksdm_ext.train import losses
+from bksdm_ext.train.checkpoints import load_checkpoint
 from bksdm_ext.train.config import DistillConfig
 from tiny import tiny_unet, tiny_unet_config
 from train_helpers import (one_thread, one_thread_env, progress, run_module, small_settings,  # noqa: F401
@@ -128,7 +130,7 @@ def test_config_round_trips_and_validates(tmp_path, tiny_pipeline_v1):
         assert DistillConfig.load(tmp_path / name) == config
     config.validate()
     assert config.learning_rate == 5e-5 and config.train_batch_size * config.gradient_accumulation_steps == 256
-    assert DistillConfig.field_help()["lambda_feat_kd"]["help"]
+    assert DistillConfig.setting("lambda_feat_kd").help
     bad = [
         (dict(layout="huge"), "Unknown layout"),
         (dict(layout="teacher"), "student layout"),
@@ -165,7 +167,7 @@ def test_bad_items_are_skipped_and_counted_and_an_unusable_dataset_refused(tmp_p
     config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
                            **small_settings(train_batch_size=6, max_steps=1, checkpoint_every=1))
     assert distill.train(config, job) == "done"
-    skipped = {r: n for r, n in core.load_checkpoint(core.checkpoint_dirs(job)[-1])[3]["skipped"].items()}
+    skipped = {r: n for r, n in load_checkpoint(JobFolder(job).complete_checkpoints()[-1])[3]["skipped"].items()}
     assert skipped == {"grayscale": 1, "too small": 1, "broken image": 1}
 
     # nothing usable: refused before any model is loaded (the teacher path is never read)
@@ -187,7 +189,7 @@ def test_overfitting_eight_images_halves_the_loss(tmp_path, tiny_pipeline_v1, on
     config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), layout="tiny", use_ema=False,
                            **small_settings(train_batch_size=8, max_steps=50, learning_rate=2e-3, log_every=1))
     assert distill.train(config, tmp_path / "job") == "done"
-    totals = [row["total"] for row in core.read_losses(tmp_path / "job")]
+    totals = [row["total"] for row in JobFolder(tmp_path / "job").read_losses()]
     assert len(totals) == 50
     first, last = totals[0], sum(totals[-5:]) / 5  # step 1's loss is the untrained student's
     assert last < first / 2, (first, last)
@@ -217,15 +219,15 @@ def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_pipeline_v1, o
     distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), straight)
     halves = tmp_path / "halves"
     distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **{**settings, "max_steps": 2}), halves)
-    assert [p.name for p in core.checkpoint_dirs(halves)] == ["step-2"]
+    assert [p.name for p in JobFolder(halves).complete_checkpoints()] == ["step-2"]
     distill.train(DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings), halves, resume="latest")
-    a, b = core.read_losses(straight), core.read_losses(halves)
+    a, b = JobFolder(straight).read_losses(), JobFolder(halves).read_losses()
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for row_a, row_b in zip(a, b):
         for term in ("total", "task", "out_kd", "feat_kd"):
             assert row_a[term] == pytest.approx(row_b[term], abs=1e-6), (row_a["step"], term)
-    final_a, training = core.load_checkpoint(core.checkpoint_dirs(straight)[-1])[:2]
-    final_b = core.load_checkpoint(core.checkpoint_dirs(halves)[-1])[0]
+    final_a, training = load_checkpoint(JobFolder(straight).complete_checkpoints()[-1])[:2]
+    final_b = load_checkpoint(JobFolder(halves).complete_checkpoints()[-1])[0]
     states = [state.get("__bnb_optimizer_quant_state__", state) for state in training["optimizer"]["state"].values()]
     moments = {v.dtype for state in states for k, v in state.items() if k in ("state1", "state2", "exp_avg", "exp_avg_sq")}
     # bitsandbytes keeps tensors under 4096 elements in fp32, the rest in 8 bits
@@ -237,7 +239,7 @@ def test_n_steps_resume_n_steps_equals_2n_straight(tmp_path, tiny_pipeline_v1, o
 
 @pytest.mark.skipif(not _bitsandbytes_importable(), reason="bitsandbytes is not installed")
 def test_the_8bit_optimiser_is_built_without_bitsandbytes_import_noise():
-    code = ("import torch; from types import SimpleNamespace as C; from bksdm_ext.train.core import make_optimizer; "
+    code = ("import torch; from types import SimpleNamespace as C; from bksdm_ext.train.speed import make_optimizer; "
             "c = C(lr=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8, "
             "optimizer='adamw8bit'); print(type(make_optimizer([torch.nn.Parameter(torch.zeros(3))], c, None)).__name__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=one_thread_env(),
@@ -276,7 +278,7 @@ def test_single_file_output_loads_strictly_into_the_ldm_unet_from_our_yaml(tmp_p
     from diffusers import UNet2DConditionModel
 
     trained = UNet2DConditionModel.from_pretrained(job / "output" / "bk-sdm-tiny", subfolder="unet")
-    ema = core.load_checkpoint(core.checkpoint_dirs(job)[-1])[0]["ema"]
+    ema = load_checkpoint(JobFolder(job).complete_checkpoints()[-1])[0]["ema"]
     for key, tensor in trained.state_dict().items():
         assert torch.equal(tensor, ema[f"student.{key}"]), key
 
@@ -287,7 +289,7 @@ def test_cancel_file_saves_a_checkpoint_and_reports_cancelled(tmp_path, tiny_pip
     job.mkdir()
     DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **small_settings(max_steps=10_000)).save(
         job / "config.toml")
-    process = subprocess.Popen([sys.executable, "-m", "bksdm_ext.train", "distill", "--job-dir", str(job)], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "bksdm_ext.job", "distill", "--job-dir", str(job)], cwd=REPO,
                                env=one_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: (job / "progress.json").exists() and progress(job)["step"] >= 2, process)
@@ -297,7 +299,7 @@ def test_cancel_file_saves_a_checkpoint_and_reports_cancelled(tmp_path, tiny_pip
         process.kill()
     state = progress(job)
     assert state["state"] == "cancelled" and state["step"] >= 2
-    assert core.checkpoint_dirs(job)[-1].name == f"step-{state['step']}"
+    assert JobFolder(job).complete_checkpoints()[-1].name == f"step-{state['step']}"
 
 
 @pytest.mark.slow
@@ -307,11 +309,11 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_resumable(tm
     job.mkdir()
     settings = small_settings(max_steps=10_000, checkpoint_every=1, checkpoints_keep=2, log_every=50)
     DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data), **settings).save(job / "config.toml")
-    process = subprocess.Popen([sys.executable, "-m", "bksdm_ext.train", "distill", "--job-dir", str(job)], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "bksdm_ext.job", "distill", "--job-dir", str(job)], cwd=REPO,
                                env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = job / "checkpoints"
     try:
-        _wait_for(lambda: len(core.checkpoint_dirs(job)) >= 2, process)
+        _wait_for(lambda: len(JobFolder(job).complete_checkpoints()) >= 2, process)
         while not any(p.name.startswith(".tmp-") and any(p.iterdir()) for p in checkpoints.iterdir()):
             assert process.poll() is None
         process.send_signal(signal.SIGKILL)  # mid-write: the temp folder already holds files
@@ -320,15 +322,15 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_resumable(tm
         process.kill()
     partial = [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]
     assert partial, "the kill should have hit a checkpoint being written"
-    last = core.checkpoint_dirs(job)[-1]
-    tensors, training, rng, state = core.load_checkpoint(last)
+    last = JobFolder(job).complete_checkpoints()[-1]
+    tensors, training, rng, state = load_checkpoint(last)
     assert state["step"] == int(last.name.split("-")[1]) and "optimizer" in training and rng
     assert int(partial[0].name.rsplit("-", 1)[1]) > state["step"]
 
     # resume from it: two more steps, and the partial folder is cleaned up by the next save
     DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
                   **{**settings, "max_steps": state["step"] + 2}).save(job / "config.toml")
-    result = run_module(["bksdm_ext.train", "distill", "--job-dir", str(job), "--resume", "latest"])
+    result = run_module(["bksdm_ext.job", "distill", "--job-dir", str(job), "--resume", "latest"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Resumed from {last}" in result.stdout
     assert progress(job)["state"] == "done" and progress(job)["step"] == state["step"] + 2
@@ -349,13 +351,13 @@ def test_two_process_accelerate_run_has_two_ranks_and_firing_hooks(tmp_path, tin
     env = dict(one_thread_env(), XDG_CACHE_HOME=str(tmp_path / "cache"))
     result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-                             "-m", "bksdm_ext.train", "distill", "--job-dir", str(job)],
+                             "-m", "bksdm_ext.job", "distill", "--job-dir", str(job)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 process(es)" in result.stdout
     state = progress(job)
     assert state["state"] == "done" and state["losses"]["feat_kd"] > 0  # taps raise if a hook did not fire
-    assert len(list((core.checkpoint_dirs(job)[-1]).glob("rng-*.safetensors"))) == 2
+    assert len(list((JobFolder(job).complete_checkpoints()[-1]).glob("rng-*.safetensors"))) == 2
     assert (job / "output" / "bk-sdm-small.safetensors").is_file()
 
 
@@ -448,10 +450,10 @@ def test_paper_precision_settings_run_on_cpu_as_bf16(tmp_path, tiny_pipeline_v1)
     job.mkdir()
     DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
                   **small_settings(max_steps=2, mixed_precision="fp16", teacher_half=True)).save(job / "config.toml")
-    result = run_module(["bksdm_ext.train", "distill", "--job-dir", str(job)])
+    result = run_module(["bksdm_ext.job", "distill", "--job-dir", str(job)])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "training in bf16 on the CPU" in result.stdout and "mixed precision bf16" in result.stdout
-    rows = core.read_losses(job)
+    rows = JobFolder(job).read_losses()
     assert len(rows) == 2 and all(0 < row["total"] < 100 for row in rows)
 
 
@@ -461,7 +463,7 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     kept, they stop faulting after a few steps (torch's 64-byte-aligned blocks settle into the heap)."""
     script = """
 import resource, sys, torch
-from bksdm_ext.train.core import keep_freed_memory
+from bksdm_ext.train.speed import keep_freed_memory
 if sys.argv[1] == "kept":
     assert keep_freed_memory()
 faults = []

@@ -12,7 +12,8 @@ import torch
 
 from bksdm_ext import layouts
 from bksdm_ext.errors import BKSDMError
-from bksdm_ext.train import core, losses
+from bksdm_ext.job import JobFolder
+from bksdm_ext.train import checkpoints, losses
 from bksdm_ext.train.config import DreamBoothConfig
 from tiny import tiny_text_encoder, tiny_unet, tiny_unet_config, write_tiny_pipeline
 from train_helpers import one_thread, small_settings, write_images  # noqa: F401
@@ -84,7 +85,7 @@ def test_full_run_trains_unet_and_text_encoder_and_loads_strictly_in_ldm(tmp_pat
                               **settings(max_steps=2, learning_rate=1e-3))
     assert dreambooth.train(config, job) == "done"
     assert len(list((job / "class_images").glob("class-*.png"))) == 2
-    rows = core.read_losses(job)
+    rows = JobFolder(job).read_losses()
     assert {"total", "instance", "prior"} <= set(rows[0])
     before = tiny_text_encoder("v1").state_dict()
     after = _text_weights(job, "dog")
@@ -282,9 +283,9 @@ def test_lora_resume_continues_exactly_through_the_shared_core(tmp_path, tiny_sm
     dreambooth.train(DreamBoothConfig(**base), straight)
     dreambooth.train(DreamBoothConfig(**{**base, "max_steps": 2}), halves)
     dreambooth.train(DreamBoothConfig(**base), halves, resume="latest")
-    a, b = core.read_losses(straight), core.read_losses(halves)
+    a, b = JobFolder(straight).read_losses(), JobFolder(halves).read_losses()
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for row_a, row_b in zip(a, b):
         assert row_a["total"] == pytest.approx(row_b["total"], abs=1e-6)
-    trained = core.load_checkpoint(core.checkpoint_dirs(halves)[-1])[0]["trainable"]
+    trained = checkpoints.load_checkpoint(JobFolder(halves).complete_checkpoints()[-1])[0]["trainable"]
     assert trained and all(".lora_" in k for k in trained)  # only the adapters are trained and saved

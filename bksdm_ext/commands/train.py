@@ -1,8 +1,10 @@
-"""`bksdm distill` and `bksdm dreambooth`: a training job from flags or a config file.
+"""`bksdm KIND ...` for every job kind of `bksdm_ext.kinds` (distill, dreambooth, ...): a job from flags or a file.
 
-Every setting of the job's config is a flag (generated from the config dataclass, so the CLI, the
-tab and config files can never disagree). The job runs in this process, or with `--write-only` its
-folder is just prepared for the job runner.
+Every setting of the kind's config is an argument, generated from its `JobConfig.settings()` (the
+tab's form comes from the same descriptions, so the CLI, the tab and config files never disagree):
+flags for most, positional arguments where a setting says so (`bksdm evaluate MODEL [MODEL ...]`).
+The job runs in this process, or with `--write-only` its folder is just prepared for the job runner.
+A kind whose name is already a command (`bksdm convert`) keeps that command.
 """
 
 from __future__ import annotations
@@ -11,55 +13,70 @@ import argparse
 import time
 from pathlib import Path
 
-HELP = {
-    "distill": "distillation retraining of a BK-SDM student from an SD teacher (paper recipe defaults)",
-    "dreambooth": "DreamBooth personalisation (full or LoRA) of a BK-SDM or SD model",
-}
+from ..job_config import Setting
+
+PREFIX = "setting_"
 
 
 def add_commands(sub) -> None:
-    from ..train.config import config_class as config_for
+    from .. import kinds
 
-    for kind in HELP:
-        config_class = config_for(kind)
-        p = sub.add_parser(kind, help=HELP[kind], argument_default=argparse.SUPPRESS)
-        p.add_argument("--config", type=Path, help="read the settings from a .toml/.json file (flags override it)")
-        p.add_argument("--job-dir", type=Path, help="job folder (default: ./bksdm-jobs/KIND-TIME)")
-        p.add_argument("--resume", help="'latest' or a checkpoint folder of --job-dir")
-        p.add_argument("--write-only", action="store_true", help="only write the job folder and its config.toml")
-        for name, info in config_class.field_help().items():
-            flag = "--" + name.replace("_", "-")
-            kwargs = {"help": info["help"] + f" (default: {info['default']})"}
-            if info["type"] == "bool":
-                kwargs["action"] = argparse.BooleanOptionalAction
-            elif info["type"] == "list":
-                kwargs["nargs"] = "+"
-            else:
-                kwargs["type"] = {"int": int, "float": float}.get(info["type"], str)
-            if "choices" in info:
-                kwargs["choices"] = info["choices"]
-            if info["type"] != "bool":
-                kwargs["metavar"] = name.upper()
-            p.add_argument(flag, dest=f"setting_{name}", **kwargs)
-        p.set_defaults(run=run_command, kind=kind)
+    for kind in kinds.all().values():
+        if kind.name in sub.choices:
+            continue
+        p = sub.add_parser(kind.name, help=kind.help or kind.title, argument_default=argparse.SUPPRESS)
+        add_job_arguments(p, kind.config_class())
+        p.set_defaults(run=run_command, kind=kind.name)
+
+
+def add_job_arguments(p: argparse.ArgumentParser, config_class) -> None:
+    """The job options and one argument per setting of `config_class`."""
+    p.add_argument("--config", type=Path, help="read the settings from a .toml/.json file (arguments override it)")
+    p.add_argument("--job-dir", type=Path, help="job folder (default: ./bksdm-jobs/KIND-TIME)")
+    p.add_argument("--resume", help="'latest' or a checkpoint folder of --job-dir")
+    p.add_argument("--write-only", action="store_true", help="only write the job folder and its config.toml")
+    for s in config_class.settings():
+        add_setting_argument(p, s)
+
+
+def add_setting_argument(p: argparse.ArgumentParser, s: Setting) -> None:
+    kwargs = {"help": f"{s.label}: {s.help} (default: {s.default})"}
+    if s.type == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = {"int": int, "float": float}.get(s.type, str)
+        kwargs["metavar"] = s.name.upper()
+        if s.type == "list" or s.nargs:
+            kwargs["nargs"] = s.nargs or "+"
+    if s.choices:
+        kwargs["choices"] = s.choices
+    if s.positional:
+        p.add_argument(PREFIX + s.name, **kwargs)
+    else:
+        p.add_argument(s.flag, dest=PREFIX + s.name, **kwargs)
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {k[len(PREFIX):]: v for k, v in vars(args).items() if k.startswith(PREFIX)}
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from ..train.config import config_class
-    from ..train.core import run_job, progress_state
+    from .. import kinds
+    from ..job import JobFolder, job_command, run_job
 
-    cls = config_class(args.kind)
+    cls = kinds.get(args.kind).config_class()
     settings = cls.load(args.config).to_dict() if getattr(args, "config", None) else {}
-    settings.update({k[len("setting_"):]: v for k, v in vars(args).items() if k.startswith("setting_")})
+    settings.update(settings_of(args))
     config = cls.from_dict(settings)
     config.validate()
-    job_dir = getattr(args, "job_dir", None) or Path("bksdm-jobs") / f"{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    job_dir.mkdir(parents=True, exist_ok=True)
-    config.save(job_dir / "config.toml")
+    default = Path("bksdm-jobs") / f"{args.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = JobFolder(getattr(args, "job_dir", None) or default)
+    folder.root.mkdir(parents=True, exist_ok=True)
+    config.save(folder.config)
     if getattr(args, "write_only", False):
-        print(f"Wrote {job_dir / 'config.toml'}; run: python -m bksdm_ext.train {args.kind} --job-dir {job_dir}")
+        print(f"Wrote {folder.config}; run: python {' '.join(job_command(args.kind, folder.root, False))}")
         return 0
-    code = run_job(args.kind, job_dir, getattr(args, "resume", None))
-    state = progress_state(job_dir)
-    print(f"{args.kind}: {state.get('state')} - {state.get('message', '')} (job folder {job_dir})")
+    code = run_job(args.kind, folder.root, getattr(args, "resume", None))
+    progress = folder.read_progress()
+    print(f"{args.kind}: {progress.state} - {progress.message} (job folder {folder.root})")
     return code

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BKSDMError
+from ..io import check_model_source
 from ..job_config import JobConfig, setting
 from ..timings.protocol import SAMPLERS, SCHEDULES, Protocol
 from . import weights
@@ -91,9 +92,7 @@ class EvaluateConfig(JobConfig):
         if not self.models:
             raise BKSDMError("Give at least one model to evaluate (the teacher first).")
         for model in self.models:
-            if not Path(model).expanduser().exists():
-                raise BKSDMError(f"Model {model} does not exist: give a .safetensors/.ckpt checkpoint or a diffusers "
-                                 "pipeline folder.")
+            check_model_source(model, "model", hub=False)
         names = self.metric_names()
         if not names:
             raise BKSDMError("No metric to compute: set the Inception or CLIP weights, give two models for the "

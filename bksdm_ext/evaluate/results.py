@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from ..io import write_bytes, write_json
+from ..io import write_image, write_json, write_text
 from ..job import JobFolder
 from .config import EvaluateConfig
 from .metrics import FID_VARIANT
@@ -92,7 +92,7 @@ def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-    return write_bytes(path, buffer.getvalue().encode("utf-8"))
+    return write_text(path, buffer.getvalue())
 
 
 def format_table(table: dict) -> str:
@@ -144,9 +144,7 @@ def write_grid(path: Path, images_root: Path, table: dict, prompts: list[str]) -
         for i in range(len(prompts)):
             with Image.open(image_path(images_root, k, i)) as cell:
                 grid.paste(cell.convert("RGB").resize((size, size)), (k * size, label + i * size))
-    buffer = _io.BytesIO()
-    grid.save(buffer, format="PNG")
-    return write_bytes(path, buffer.getvalue())
+    return write_image(path, grid)
 
 
 def _read(path: Path) -> dict:

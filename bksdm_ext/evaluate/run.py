@@ -17,12 +17,11 @@ import gc
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from ..errors import BKSDMError
-from ..io import write_bytes, write_json
+from ..io import write_image, write_json
 from ..job import JobFolder, Progress
 from .config import EvaluateConfig
 from .prompts import read_prompts
@@ -174,16 +173,12 @@ def resolve_device(config: EvaluateConfig):
 def save_image(image, path: Path, size: int) -> None:
     """A uint8 (3, H, W) tensor squashed to size x size (PIL bicubic, as the paper's evaluation), written
     atomically as PNG."""
-    from io import BytesIO
-
     from PIL import Image
 
     picture = Image.fromarray(image.permute(1, 2, 0).numpy())
     if picture.size != (size, size):
         picture = picture.resize((size, size), Image.BICUBIC)
-    buffer = BytesIO()
-    picture.save(buffer, format="PNG")
-    write_bytes(path, buffer.getvalue())
+    write_image(path, picture)
 
 
 def mark_checkpoint(folder: JobFolder, done: int) -> None:
@@ -218,8 +213,3 @@ def _empty_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-if __name__ == "__main__":  # the runner's older launch form: python -m bksdm_ext.evaluate.run evaluate --job-dir D
-    from ..job import main
-
-    sys.exit(main())

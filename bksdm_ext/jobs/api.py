@@ -16,6 +16,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
+from .. import kinds
 from ..errors import BKSDMError
 from .guard import AccessDenied, AccessGuard
 from .runner import Runner
@@ -25,21 +26,19 @@ PREFIX = "/bksdm/v1"
 
 
 class JobRequest(BaseModel):
-    kind: str = Field(..., description="distill, dreambooth or convert")
+    kind: str = Field(..., description="A job kind of bksdm_ext.kinds: " + ", ".join(kinds.all()))
     config: dict[str, Any] = Field(default_factory=dict, description="The kind's config fields; missing ones keep their defaults")
     request_id: str | None = Field(None, description="Sending the same id again returns the same job, never a second one")
 
 
 def job_view(runner: Runner, job: Job) -> dict[str, Any]:
     """A job as the API and the tab show it: the store's record and the job's own progress."""
-    progress = runner.progress(job.id)
+    progress = runner.job_progress(job.id)
     return {
         "id": job.id, "kind": job.kind, "state": job.state, "message": job.message, "folder": job.folder,
         "created": job.created, "started": job.started, "finished": job.finished, "attempts": job.attempts,
         "resumable": bool(job.resumable),
-        "progress": {key: progress.get(key) for key in (
-            "step", "total_steps", "losses", "samples_per_s", "eta_s", "last_checkpoint", "last_sample", "output",
-            "updated")},
+        "progress": progress.public(),
     }
 
 

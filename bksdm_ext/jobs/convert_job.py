@@ -1,124 +1,76 @@
 """The Import / Convert job: `bksdm_ext.convert.convert` run as a job, so a multi-GB conversion never
-blocks the WebUI's process or its memory. Follows the job contract of `runner.py`:
-`python -m bksdm_ext.jobs.convert_job convert --job-dir DIR`.
+blocks the WebUI's process or its memory. Its kind is declared in `bksdm_ext.kinds`; it runs as any
+job does, `python -m bksdm_ext.job convert --job-dir DIR`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
 import re
-import sys
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import BKSDMError
+from ..io import check_model_source
+from ..job import JobFolder, Outputs, Progress
+from ..job_config import JobConfig, setting
 
 FORMS = ("webui", "diffusers")
 VERSIONS = ("auto", "v1", "v2-base", "v2-768")
 
 
 @dataclass
-class ConvertConfig:
+class ConvertConfig(JobConfig):
     """Import a model: a diffusers folder or a single file, written in the form the WebUI (or diffusers) loads."""
 
     kind = "convert"
 
-    source: str = field(default="", metadata={
-        "help": "A diffusers folder (e.g. a download of nota-ai/bk-sdm-small) or a .safetensors/.ckpt checkpoint."})
-    to: str = field(default="webui", metadata={
-        "help": "webui: one .safetensors with its .yaml beside it (LDM keys); diffusers: a pipeline folder.",
-        "choices": FORMS})
-    name: str = field(default="", metadata={"help": "Name of the result, without extension (empty = the source's)."})
-    output_dir: str = field(default="", metadata={
-        "help": "Where the result goes (empty = the job folder's output/)."})
-    half: bool = field(default=True, metadata={"help": "Write fp16: half the size, as the WebUI runs it anyway."})
-    version: str = field(default="auto", metadata={
-        "help": "The SD version, when the source cannot tell (v2-base and v2-768 share shapes).", "choices": VERSIONS})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ConvertConfig":
-        values = {k: v for k, v in values.items() if k != "kind"}
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise BKSDMError(f"Unknown convert setting(s): {', '.join(unknown)}.")
-        return cls(**values)
+    source: str = setting("", "A diffusers folder (e.g. a download of nota-ai/bk-sdm-small) or a .safetensors/.ckpt "
+                              "checkpoint.", label="Source model", group="Model", kind="model")
+    to: str = setting("webui", "webui: one .safetensors with its .yaml beside it (LDM keys); diffusers: a pipeline "
+                               "folder (kept in the job folder's output/).", label="Convert to", group="Output",
+                      choices=FORMS)
+    name: str = setting("", "Name of the result, without extension (empty = the source's).", label="Name",
+                        group="Output", kind="name")
+    output_dir: str = setting("", "Where the WebUI checkpoint goes (empty = the job folder's output/).",
+                              label="Output folder", group="Output", kind="folder")
+    half: bool = setting(True, "Write fp16: half the size, as the WebUI runs it anyway.", label="Half precision",
+                         group="Output")
+    version: str = setting("auto", "The SD version, when the source cannot tell (v2-base and v2-768 share shapes).",
+                           label="SD version", group="Model", choices=VERSIONS, advanced=True)
 
     def validate(self) -> None:
-        if not self.source:
-            raise BKSDMError("Set source: a diffusers folder or a .safetensors/.ckpt checkpoint.")
-        source = Path(self.source).expanduser()
-        if not source.exists():
-            raise BKSDMError(f"source {self.source} does not exist: give a diffusers folder or a checkpoint file.")
-        if source.is_file() and source.suffix.lower() not in (".safetensors", ".ckpt"):
-            raise BKSDMError(f"source {self.source} is not a .safetensors or .ckpt checkpoint.")
-        if self.to not in FORMS:
-            raise BKSDMError(f"to must be one of {', '.join(FORMS)}, not {self.to!r}.")
-        if self.version not in VERSIONS:
-            raise BKSDMError(f"version must be one of {', '.join(VERSIONS)}, not {self.version!r}.")
+        super().validate()
+        check_model_source(self.source, "source", hub=False)
 
-    def destination(self, job_dir: Path) -> Path:
+    def outputs(self, job_dir: Path) -> Outputs:
         source = Path(self.source).expanduser()
         stem = self.name or source.name.removesuffix(source.suffix if source.is_file() else "")
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "bk-sdm"
-        folder = Path(self.output_dir).expanduser() if self.output_dir else job_dir / "output"
-        return folder / (f"{stem}.safetensors" if self.to == "webui" else stem)
+        return Outputs(JobFolder(job_dir), self.output_dir, stem)
+
+    def destination(self, job_dir: Path) -> Path:
+        outputs = self.outputs(job_dir)
+        return outputs.single if self.to == "webui" else outputs.diffusers
 
 
-def _progress(job_dir: Path, state: str, step: int, message: str, started: float, output: str | None = None) -> None:
-    data = {"state": state, "step": step, "total_steps": 1, "losses": {}, "samples_per_s": None, "eta_s": None,
-            "last_checkpoint": None, "last_sample": None, "message": message, "updated": time.time(),
-            "pid": os.getpid(), "output": output, "elapsed_s": time.time() - started}
-    from ..io import write_text
-
-    write_text(job_dir / "progress.json", json.dumps(data, indent=1))
-
-
-def run(job_dir: Path) -> int:
+def run(config: ConvertConfig, job_dir: Path, resume: str | None = None) -> str:
+    """Convert (a resumed conversion starts over); progress.json says where the result went."""
     from ..convert import convert
-    from . import toml
 
-    started = time.time()
-    try:
-        config = ConvertConfig.from_dict(toml.read(job_dir / "config.toml"))
-        config.validate()
-        target = config.destination(job_dir)
-        if target.exists():
-            raise BKSDMError(f"{target} already exists: choose another name or output folder.")
-        _progress(job_dir, "running", 0, f"Converting {config.source}.", started)
-        print(f"Converting {config.source} -> {target}", flush=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lines = convert(config.source, target, half=config.half,
-                        version=None if config.version == "auto" else config.version)
-    except BKSDMError as error:
-        print(f"FAILED: {error}", file=sys.stderr, flush=True)
-        _progress(job_dir, "failed", 0, str(error), started)
-        return 1
-    except Exception as error:  # a readable line in the tab; the traceback goes to the log
-        traceback.print_exc()
-        _progress(job_dir, "failed", 0, f"{type(error).__name__}: {error}", started)
-        return 1
+    folder, started = JobFolder(job_dir), time.time()
+    outputs, target = config.outputs(job_dir), config.destination(job_dir)
+    if target.exists() and not outputs.is_ours(target):
+        raise BKSDMError(f"{target} already exists: choose another name or output folder.")
+    progress = Progress(state="running", total_steps=1, message=f"Converting {config.source}.").update()
+    folder.write_progress(progress)
+    print(f"Converting {config.source} -> {target}", flush=True)
+    outputs.claim(*((target, outputs.yaml) if config.to == "webui" else (target,)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lines = convert(config.source, target, half=config.half,
+                    version=None if config.version == "auto" else config.version)
     for line in lines:
         print(line, flush=True)
-    _progress(job_dir, "done", 1, f"Imported as {target}.", started, str(target))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bksdm_ext.jobs.convert_job")
-    parser.add_argument("kind", choices=["convert"])
-    parser.add_argument("--job-dir", required=True, type=Path)
-    parser.add_argument("--resume", default=None, help="accepted for the job contract; a conversion starts over")
-    return run(parser.parse_args(argv).job_dir)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    folder.write_progress(progress.update(state="done", step=1, message=f"Imported as {target}.",
+                                          output=str(target), elapsed_s=time.time() - started))
+    return "done"

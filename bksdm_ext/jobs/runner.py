@@ -1,15 +1,11 @@
 """The job runner: a queue of jobs, each a subprocess in its own process group and folder.
 
-The contract with a job process (bksdm_ext.train and the test job kind follow it):
-- it is started as `python -m bksdm_ext.train KIND --job-dir DIR [--resume latest]` (through
-  `accelerate launch` when more than one process or machine is configured);
-- DIR holds `config.toml` (what the user asked; the job reads it), `log.txt` (stdout and stderr,
-  appended), `progress.json` (written atomically by the job: state, step, total_steps, losses,
-  samples_per_s, eta_s, last_checkpoint, last_sample, message, updated, pid), `checkpoints/`
-  (complete ones are folders with a `state.json`), `samples/`, `losses.csv` and `output/`;
-- cancelling creates `DIR/cancel`: the job saves a checkpoint at its next step, writes state
-  "cancelled" and exits 0. A job that does not is sent SIGTERM (CTRL_BREAK on Windows) after a
-  grace period, and its whole process tree is killed after a timeout.
+The contract with a job process is `bksdm_ext.job` (the job folder, its progress file, complete
+checkpoints, the cancel request, `python -m bksdm_ext.job KIND --job-dir DIR [--resume latest]`, run
+through `accelerate launch` when more than one process or machine is configured). Cancelling asks
+the job through its folder; a job that does not stop is sent SIGTERM (CTRL_BREAK on Windows) after a
+grace period, and its whole process tree is killed after a timeout. The kinds come from
+`bksdm_ext.kinds`.
 
 Each launch has BKSDM_JOB=<job id>:<attempt>:<start time> in its environment, which everything it
 starts inherits (torch elastic's ranks, data workers): when the job ends, whatever still carries it
@@ -24,7 +20,6 @@ when it left a checkpoint) or "failed".
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import secrets
@@ -37,9 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import kinds as kind_registry
 from ..errors import BKSDMError
-from . import process, toml
-from .kinds import BUILTIN_KINDS, JobKind
+from ..job import JobFolder, Progress
+from ..job import job_command as job_arguments
+from ..job_config import read_toml
+from ..kinds import Kind
+from . import process
 from .store import ACTIVE_STATES, Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -78,8 +77,8 @@ class RunnerSettings:
     launch: LaunchSettings = field(default_factory=LaunchSettings)
 
 
-def job_command(kind: JobKind, job_dir: Path, resume: bool, launch: LaunchSettings) -> list[str]:
-    job = ["-m", kind.module, kind.name, "--job-dir", str(job_dir)] + (["--resume", "latest"] if resume else [])
+def job_command(kind: Kind, job_dir: Path, resume: bool, launch: LaunchSettings) -> list[str]:
+    job = job_arguments(kind.name, job_dir, resume)
     if not (kind.gpu and launch.distributed):
         return [sys.executable, *job]
     accelerate = ["-m", "accelerate.commands.launch", "--multi_gpu",
@@ -95,25 +94,6 @@ def job_marker(job_id: str, attempt: int, started: float) -> str:
     launch, and a job id that comes back (a rebuilt store) has another start time. Derived from the
     job's row, so a restarted runner knows it too."""
     return f"{job_id}:{attempt}:{started:.6f}"
-
-
-def read_progress(folder: str | Path) -> dict[str, Any]:
-    """The job's progress.json, or {} while there is none (or it cannot be read yet)."""
-    try:
-        data = json.loads((Path(folder) / "progress.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def has_checkpoint(folder: str | Path) -> bool:
-    """A complete checkpoint is a folder `checkpoints/NAME` holding `state.json`; jobs write it under a
-    temporary dot-name and rename it when complete."""
-    checkpoints = Path(folder) / "checkpoints"
-    try:
-        return any(not p.name.startswith(".") and (p / "state.json").is_file() for p in checkpoints.iterdir())
-    except OSError:
-        return False
 
 
 def _describe_exit(returncode: int | None) -> str:
@@ -132,7 +112,7 @@ class Runner:
     """Runs jobs from a data folder: `data_dir/jobs.sqlite3` and one folder per job in `data_dir/jobs/`."""
 
     def __init__(self, data_dir: str | os.PathLike, settings: RunnerSettings | None = None,
-                 kinds: dict[str, JobKind] | None = None,
+                 kinds: dict[str, Kind] | None = None,
                  before_gpu_job: Callable[[], bool | None] | None = None,
                  after_queue_empty: Callable[[], None] | None = None,
                  during_handoff: Callable[[], None] | None = None,
@@ -146,7 +126,8 @@ class Runner:
                              "choose another one in the settings.") from None
         self.store = self._open_store(self.data_dir / "jobs.sqlite3")
         self.settings = settings or RunnerSettings()
-        self.kinds = dict(BUILTIN_KINDS if kinds is None else kinds)
+        # the kinds this runner starts (default: every registered kind)
+        self.kinds = dict(kind_registry.all() if kinds is None else kinds)
         self._register_unknown_folders()
         self.before_gpu_job = before_gpu_job
         self.after_queue_empty = after_queue_empty
@@ -181,24 +162,28 @@ class Runner:
         for folder in sorted(self.jobs_dir.iterdir()):
             if folder.name in known or not (folder / "config.toml").is_file():
                 continue
-            kind = folder.name.split("-", 1)[0]
             try:
-                config = toml.read(folder / "config.toml")
+                config = read_toml(folder / "config.toml")
             except BKSDMError as error:
                 log.warning("BK-SDM: job folder %s not registered: %s", folder, error)
                 continue
-            progress = read_progress(folder)
-            checkpoint = has_checkpoint(folder)
-            state = progress.get("state")
+            kind = config.pop("kind", None)
+            if not isinstance(kind, str) or not kind:
+                log.warning("BK-SDM: job folder %s not registered: its config.toml names no kind.", folder)
+                continue
+            job_folder = JobFolder(folder)
+            progress = job_folder.read_progress()
+            checkpoint = job_folder.has_checkpoint()
+            state = progress.state
             if state not in ("done", "failed", "cancelled"):
                 state = "interrupted" if checkpoint else "failed"
             job, created = self.store.create(folder.name, kind, str(folder), config, request_id=f"folder:{folder.name}",
                                              dedupe_window_s=0)
             if created:
-                updated = progress.get("updated") or folder.stat().st_mtime
+                updated = progress.updated or folder.stat().st_mtime
                 self.store.update(job.id, state=state, created=folder.stat().st_mtime, finished=updated,
                                   resumable=int(checkpoint and state != "done"),
-                                  message=str(progress.get("message") or "") or "Found in the data folder.")
+                                  message=progress.message or "Found in the data folder.")
 
     def start(self) -> "Runner":
         """Re-attach to what ran before, then poll in a background thread."""
@@ -229,17 +214,18 @@ class Runner:
 
     # --- user actions ---
 
-    def kind(self, name: str) -> JobKind:
-        try:
-            return self.kinds[name]
-        except KeyError:
-            raise BKSDMError(f"Unknown job kind {name!r}; choose one of {', '.join(self.kinds)}.") from None
+    def kind(self, name: str) -> Kind:
+        if name not in self.kinds:
+            kind_registry.get(name)  # an unknown kind: the registry's error names the known ones
+            raise BKSDMError(f"This runner does not start {name!r} jobs; it starts {', '.join(self.kinds)}.")
+        return self.kinds[name]
 
     def submit(self, kind: str, values: dict[str, Any], request_id: str | None = None) -> Job:
         """Validate `values` into the kind's typed config and queue a job; a repeated request returns
         the job it already created."""
         job_kind = self.kind(kind)
-        config = job_kind.build_config(values).to_dict()
+        typed = job_kind.build_config(values)
+        config = typed.to_dict()
         job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         folder = self.jobs_dir / job_id
         with self._lock:
@@ -248,9 +234,8 @@ class Runner:
             if not created:
                 return job
             try:
-                for sub in ("checkpoints", "samples", "output"):
-                    (folder / sub).mkdir(parents=True, exist_ok=True)
-                toml.write(folder / "config.toml", config)
+                job_folder = JobFolder(folder).create()
+                typed.save(job_folder.config)  # with `kind =`, as the CLI writes it
             except OSError as error:
                 self.store.delete(job_id)
                 shutil.rmtree(folder, ignore_errors=True)
@@ -262,20 +247,20 @@ class Runner:
     def relaunch(self, job_id: str, request_id: str | None = None) -> Job:
         """A new job from an earlier job's config.toml (which the user may have edited)."""
         job = self.store.get(job_id)
-        return self.submit(job.kind, toml.read(Path(job.folder) / "config.toml"), request_id)
+        return self.submit(job.kind, read_toml(JobFolder(job.folder).config), request_id)
 
     def cancel(self, job_id: str) -> Job:
         with self._lock:
             job = self.store.get(job_id)
             if job.state == "queued":
                 self.store.update(job_id, expect=("queued",), state="cancelled", finished=time.time(),
-                                  resumable=int(has_checkpoint(job.folder)), message="Cancelled before it started.")
+                                  resumable=int(JobFolder(job.folder).has_checkpoint()),
+                                  message="Cancelled before it started.")
             elif job.state == "running":
                 try:
-                    (Path(job.folder) / "cancel").touch()
+                    JobFolder(job.folder).request_cancel()
                 except OSError as error:
-                    log.warning("BK-SDM: could not create %s/cancel (%s); the job will be signalled",
-                                job.folder, error)
+                    log.warning("BK-SDM: could not ask job %s to cancel (%s); it will be signalled", job.id, error)
                 self.store.update(job_id, expect=("running",), state="cancelling", cancel_requested=time.time(),
                                   message="Cancelling: the job saves a checkpoint at its next step.")
             elif job.state != "cancelling":
@@ -290,7 +275,7 @@ class Runner:
                 return job  # a repeated click: never a second run
             if job.state == "done":
                 raise BKSDMError(f"Job {job_id} has finished; use Re-launch to run its config again.")
-            checkpoint = has_checkpoint(job.folder)
+            checkpoint = JobFolder(job.folder).has_checkpoint()
             self.store.update(job_id, expect=(job.state,), state="queued", resume=int(checkpoint), finished=None,
                               cancel_requested=None, terminate_sent=None,
                               message="Queued to resume from the last checkpoint." if checkpoint
@@ -322,11 +307,15 @@ class Runner:
     def list(self) -> list[Job]:
         return self.store.list()
 
+    def job_progress(self, job_id: str) -> Progress:
+        """The job's progress.json (its defaults while there is none or it cannot be read)."""
+        return JobFolder(self.store.get(job_id).folder).read_progress()
+
     def progress(self, job_id: str) -> dict[str, Any]:
-        return read_progress(self.store.get(job_id).folder)
+        return self.job_progress(job_id).to_dict()
 
     def log_tail(self, job_id: str, max_bytes: int = 32768) -> str:
-        path = Path(self.store.get(job_id).folder) / "log.txt"
+        path = JobFolder(self.store.get(job_id).folder).log
         try:
             with open(path, "rb") as f:
                 f.seek(max(0, path.stat().st_size - max_bytes))
@@ -337,11 +326,11 @@ class Runner:
     def losses(self, job_id: str) -> list[tuple[int, str, float]]:
         """(step, term, value) rows from losses.csv; the terms are the columns the progress file names
         as losses, or every numeric column when it names none."""
-        folder = Path(self.store.get(job_id).folder)
-        terms = set(read_progress(folder).get("losses") or {})
+        folder = JobFolder(self.store.get(job_id).folder)
+        terms = set(folder.read_progress().losses)
         rows: list[tuple[int, str, float]] = []
         try:
-            with open(folder / "losses.csv", newline="", encoding="utf-8") as f:
+            with open(folder.losses, newline="", encoding="utf-8") as f:
                 for record in csv.DictReader(f):
                     try:
                         step = int(float(record.get("step", "")))
@@ -360,7 +349,7 @@ class Runner:
 
     def samples(self, job_id: str) -> list[Path]:
         """Validation images, oldest first."""
-        folder = Path(self.store.get(job_id).folder) / "samples"
+        folder = JobFolder(self.store.get(job_id).folder).samples
         try:
             images = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
         except OSError:
@@ -415,11 +404,11 @@ class Runner:
             process.kill_tree(job.pid)
 
     def _finish(self, job: Job, returncode: int | None, ours: bool) -> None:
-        progress = read_progress(job.folder)
+        progress = JobFolder(job.folder).read_progress()
         # A progress file from an earlier attempt says nothing about this one (`started` precedes the spawn).
-        reported = progress.get("state") if progress.get("updated", 0) >= (job.started or 0) else None
-        checkpoint = has_checkpoint(job.folder)
-        message = str(progress.get("message") or "") if reported else ""
+        reported = progress.state if progress.updated >= (job.started or 0) else None
+        checkpoint = JobFolder(job.folder).has_checkpoint()
+        message = progress.message if reported else ""
         if reported == "done":
             state, message = "done", message or "Finished."
         elif reported == "cancelled" or job.cancel_requested is not None:
@@ -473,7 +462,7 @@ class Runner:
                 gpu_running += 1
             self._launch(job, kind)
 
-    def _launch(self, job: Job, kind: JobKind) -> None:
+    def _launch(self, job: Job, kind: Kind) -> None:
         # Claim the job first, so two runners on one data folder never start it twice.
         started, attempt = time.time(), job.attempts + 1
         if not self.store.update(job.id, expect=("queued",), state="running", started=started, pid=None,
@@ -484,11 +473,14 @@ class Runner:
         command = job_command(kind, folder, bool(job.resume), self.settings.launch)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+        if not kind_registry.is_builtin(kind.name):  # the job process imports the module that registers it
+            env[kind_registry.MODULES_ENV] = os.pathsep.join(
+                p for p in (env.get(kind_registry.MODULES_ENV, ""), kind.module) if p)
         try:
-            with open(folder / "log.txt", "a", encoding="utf-8") as f:
+            with open(JobFolder(folder).log, "a", encoding="utf-8") as f:
                 f.write(f"\n=== attempt {attempt}, {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                         f"{' '.join(command)}\n")
-            proc = process.spawn(command, folder / "log.txt", folder, env, job_marker(job.id, attempt, started))
+            proc = process.spawn(command, JobFolder(folder).log, folder, env, job_marker(job.id, attempt, started))
         except OSError as error:
             self.store.update(job.id, state="failed", finished=time.time(),
                               message=f"Could not start the job ({error}).")
@@ -498,7 +490,4 @@ class Runner:
                           message="Running.")
 
     def _remove_cancel_file(self, job: Job) -> None:
-        try:
-            (Path(job.folder) / "cancel").unlink()
-        except OSError:
-            pass
+        JobFolder(job.folder).clear_cancel()

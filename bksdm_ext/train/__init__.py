@@ -1,1 +1,1 @@
-"""Training jobs: BK-SDM distillation and DreamBooth, on one shared training core (`core.py`)."""
+"""Training jobs: BK-SDM distillation and DreamBooth on one shared loop (loop.py, checkpoints.py, speed.py)."""

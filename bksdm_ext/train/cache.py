@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..io import write_safetensors
 from .data import augment, open_rgb, reject_reason
 from .models import encode_images, encode_prompts
 
@@ -100,9 +100,7 @@ class LatentCache:
                 tensors.update(latents=torch.cat(latents).contiguous(), text=torch.cat(texts).contiguous())
                 if flipped:
                     tensors["latents_flipped"] = torch.cat(flipped).contiguous()
-            tmp = self.shard_path(i).with_suffix(".tmp")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, self.shard_path(i))
+            write_safetensors(self.shard_path(i), tensors)
             log(f"cache shard {i + 1}/{self.shards}: {len(kept)} of {len(chunk)} pairs usable")
 
     def dataset(self, random_flip: bool, seed: int) -> "CachedPairs":

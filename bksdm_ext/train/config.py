@@ -1,27 +1,22 @@
 """Typed job configs for training: the CLI, the BK-SDM tab and the job runner build and save them alike.
 
-Defaults are the paper's recipe (BKSDM.md §3 distillation, §4 DreamBooth). Each field's metadata
-carries `help` (and `choices` where the value is one of a few), from which the tab builds its form.
-`validate()` checks everything that can be checked without loading a model and raises BKSDMError
-saying what to do.
+Defaults are the paper's recipe (BKSDM.md §3 distillation, §4 DreamBooth). Each field is a
+`job_config.setting` (help, label, group, choices, range), from which the CLI flags and the tab's
+form are generated. `validate()` checks everything that can be checked without loading a model
+(the base checks types and ranges) and raises BKSDMError saying what to do.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from .. import layouts
 from ..errors import BKSDMError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10, the WebUI's
-    import tomli as tomllib
+from ..io import check_model_source
+from ..job_config import JobConfig, setting
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -33,128 +28,76 @@ DEFAULT_PROMPTS = (
 )
 
 
-def _f(default, help: str, choices: tuple | None = None, **kw):
-    metadata = {"help": help}
-    if choices:
-        metadata["choices"] = choices
-    if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: list(default), metadata=metadata, **kw)
-    return field(default=default, metadata=metadata, **kw)
-
-
-class JobConfig:
-    """Serialisation shared by every job config dataclass: dict, TOML/JSON file, form help."""
-
-    kind: ClassVar[str] = ""
-
-    # --- serialisation ------------------------------------------------------------------------
-
-    @classmethod
-    def field_help(cls) -> dict[str, dict]:
-        """{name: {"type", "default", "help", "choices"?}} in declaration order, for building forms."""
-        out = {}
-        for f in _ordered_fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            out[f.name] = {"type": _type_name(f), "default": default, **f.metadata}
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        values = {f.name: getattr(self, f.name) for f in _ordered_fields(type(self))}
-        return {name: _plain(value) for name, value in values.items() if value is not None}  # TOML has no null
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        data = dict(data)
-        kind = data.pop("kind", cls.kind)
-        if kind != cls.kind:
-            raise BKSDMError(f"This is a {kind!r} job config, not a {cls.kind!r} one.")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise BKSDMError(f"Unknown {cls.kind} setting(s): {', '.join(unknown)}. Known: {', '.join(fields)}.")
-        return cls(**{name: _coerce(fields[name], value) for name, value in data.items()})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike):
-        """Read a config from a .toml or .json file."""
-        path = Path(path)
-        if not path.is_file():
-            raise BKSDMError(f"Config file {path} does not exist.")
-        try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(path.read_text(encoding="utf-8"))
-            else:
-                data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, tomllib.TOMLDecodeError) as error:
-            raise BKSDMError(f"Config file {path} cannot be read: {error}") from None
-        return cls.from_dict(data)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the config as TOML (or JSON for a .json path), atomically."""
-        path = Path(path)
-        data = {"kind": self.kind, **self.to_dict()}
-        text = json.dumps(data, indent=2) if path.suffix.lower() == ".json" else to_toml(data)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-
-
 @dataclass
 class TrainConfig(JobConfig):
     """What every training job shares: optimiser, precision, speed switches, checkpoints, samples."""
 
-    resolution: int = _f(512, "Training image side in pixels (images are resized on the shorter side, then cropped).")
-    train_batch_size: int = _f(64, "Images per step on each device.")
-    gradient_accumulation_steps: int = _f(4, "Steps whose gradients are summed before one optimiser update.")
-    max_steps: int = _f(50_000, "Optimiser updates to train for.")
-    learning_rate: float = _f(5e-5, "AdamW learning rate (constant, no warm-up).")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this value (0 = no clipping).")
-    optimizer: str = _f("adamw", "adamw: torch's fused AdamW; adamw8bit: bitsandbytes 8-bit AdamW (if installed): "
-                                 "less memory; on CPU (recent versions) its step is much slower.", OPTIMIZERS)
-    mixed_precision: str = _f("fp16", "Autocast precision of the trained model: fp16 needs a GPU "
-                                      "(bf16 is used on CPU).", MIXED_PRECISION)
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, slower.")
-    channels_last: bool = _f(True, "Channels-last memory format for the U-Nets: faster convolutions on GPUs "
-                                   "(on a CPU it is slower and not used).")
-    compile: bool = _f(False, "torch.compile the trained U-Net (slow first steps, faster later).")
-    xformers: bool = _f(False, "Use xformers attention when installed (else PyTorch SDPA).")
-    center_crop: bool = _f(True, "Crop the center of each image (else a random crop).")
-    random_flip: bool = _f(True, "Flip images horizontally at random.")
-    seed: int = _f(1234, "Random seed: the same seed and data give the same run.")
-    num_workers: int = _f(2, "Data-loading worker processes (0 = load in the training process).")
-    checkpoint_every: int = _f(1000, "Save a resumable checkpoint every N steps and at the end "
-                                     "(0 = never; cancelling always saves one).")
-    checkpoints_keep: int = _f(3, "Keep this many newest checkpoints (0 = keep all).")
-    sample_every: int = _f(1000, "Render validation images every N steps (0 = never).")
-    sample_prompts: list = _f(DEFAULT_PROMPTS, "Fixed prompts of the validation images.")
-    sample_steps: int = _f(25, "Denoising steps of the validation images (PNDM).")
-    log_every: int = _f(10, "Write losses and speed to the log and the progress file every N steps.")
-    output_dir: str = _f("", "Where the finished model goes (empty = the job folder's output/).")
-    output_name: str = _f("", "File name (no extension) of the WebUI checkpoint (empty = from the job).")
+    resolution: int = setting(512, "Training image side in pixels (images are resized on the shorter side, then "
+                                   "cropped).", label="Resolution", group="Data", min=64, max=2048, multiple_of=8)
+    train_batch_size: int = setting(64, "Images per step on each device.", label="Batch size", group="Recipe",
+                                    min=1, max=4096)
+    gradient_accumulation_steps: int = setting(4, "Steps whose gradients are summed before one optimiser update.",
+                                               label="Gradient accumulation", group="Recipe", min=1, max=4096)
+    max_steps: int = setting(50_000, "Optimiser updates to train for.", label="Steps", group="Recipe", min=1,
+                             max=10**9)
+    learning_rate: float = setting(5e-5, "AdamW learning rate (constant, no warm-up).", label="Learning rate",
+                                   group="Recipe", min=0.0, max=1.0)
+    adam_beta1: float = setting(0.9, "AdamW beta1.", label="Adam beta1", group="Recipe", advanced=True, min=0.0,
+                                max=1.0)
+    adam_beta2: float = setting(0.999, "AdamW beta2.", label="Adam beta2", group="Recipe", advanced=True, min=0.0,
+                                max=1.0)
+    adam_weight_decay: float = setting(1e-2, "AdamW weight decay.", label="Weight decay", group="Recipe",
+                                       advanced=True, min=0.0)
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon.", label="Adam epsilon", group="Recipe", advanced=True,
+                                  min=0.0)
+    max_grad_norm: float = setting(1.0, "Clip the gradient norm to this value (0 = no clipping).",
+                                   label="Gradient clipping", group="Recipe", advanced=True, min=0.0)
+    optimizer: str = setting("adamw", "adamw: torch's fused AdamW; adamw8bit: bitsandbytes 8-bit AdamW (if "
+                                      "installed): less memory; on CPU (recent versions) its step is much slower.",
+                             label="Optimizer", group="Speed & memory", choices=OPTIMIZERS)
+    mixed_precision: str = setting("fp16", "Autocast precision of the trained model: fp16 needs a GPU "
+                                           "(bf16 is used on CPU).", label="Mixed precision", group="Speed & memory",
+                                   choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, slower.",
+                                           label="Gradient checkpointing", group="Speed & memory")
+    channels_last: bool = setting(True, "Channels-last memory format for the U-Nets: faster convolutions on GPUs "
+                                        "(on a CPU it is slower and not used).", label="Channels last",
+                                  group="Speed & memory", advanced=True)
+    compile: bool = setting(False, "torch.compile the trained U-Net (slow first steps, faster later).",
+                            label="torch.compile", group="Speed & memory", advanced=True)
+    xformers: bool = setting(False, "Use xformers attention when installed (else PyTorch SDPA).",
+                             label="xformers attention", group="Speed & memory", advanced=True)
+    center_crop: bool = setting(True, "Crop the center of each image (else a random crop).", label="Center crop",
+                                group="Data")
+    random_flip: bool = setting(True, "Flip images horizontally at random.", label="Random flip", group="Data")
+    seed: int = setting(1234, "Random seed: the same seed and data give the same run.", label="Seed", group="Recipe",
+                        min=0, max=2**63 - 1)
+    num_workers: int = setting(2, "Data-loading worker processes (0 = load in the training process).",
+                               label="Data workers", group="Speed & memory", min=0, max=256)
+    checkpoint_every: int = setting(1000, "Save a resumable checkpoint every N steps and at the end "
+                                          "(0 = never; cancelling always saves one).", label="Checkpoint every",
+                                    group="Output", min=0)
+    checkpoints_keep: int = setting(3, "Keep this many newest checkpoints (0 = keep all).", label="Checkpoints kept",
+                                    group="Output", min=0)
+    sample_every: int = setting(1000, "Render validation images every N steps (0 = never).", label="Samples every",
+                                group="Output", min=0)
+    sample_prompts: list = setting(DEFAULT_PROMPTS, "Fixed prompts of the validation images.",
+                                   label="Sample prompts", group="Output", kind="prompt")
+    sample_steps: int = setting(25, "Denoising steps of the validation images (PNDM).", label="Sample steps",
+                                group="Output", min=1, max=1000)
+    log_every: int = setting(10, "Write losses and speed to the log and the progress file every N steps.",
+                             label="Log every", group="Output", min=1)
+    output_dir: str = setting("", "Where the finished model goes (empty = the job folder's output/).",
+                              label="Output folder", group="Output", kind="folder")
+    output_name: str = setting("", "File name (no extension) of the WebUI checkpoint (empty = from the job).",
+                               label="Output name", group="Output", kind="name")
 
     # --- validation ---------------------------------------------------------------------------
 
     def validate(self) -> None:
-        positive = ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_steps", "sample_steps",
-                    "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise BKSDMError(f"{name} must be at least 1, not {getattr(self, name)}.")
-        for name in ("checkpoint_every", "checkpoints_keep", "sample_every", "num_workers", "max_grad_norm",
-                     "adam_weight_decay"):
-            if getattr(self, name) < 0:
-                raise BKSDMError(f"{name} cannot be negative.")
-        if self.resolution % 8:
-            raise BKSDMError(f"resolution must be a multiple of 8 (the VAE's factor), not {self.resolution}.")
+        super().validate()  # types, choices and ranges of the settings
         if not (self.learning_rate or 0) > 0 and self.learning_rate is not None:
             raise BKSDMError("learning_rate must be positive.")
-        for name, choices in (("mixed_precision", MIXED_PRECISION), ("optimizer", OPTIMIZERS)):
-            if getattr(self, name) not in choices:
-                raise BKSDMError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}.")
         if self.output_dir and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise BKSDMError(f"output_dir {self.output_dir} exists and is not a folder.")
 
@@ -165,30 +108,42 @@ class DistillConfig(TrainConfig):
 
     kind: ClassVar[str] = "distill"
 
-    teacher: str = _f("", "The SD-v1/v2 teacher: a diffusers folder, a single-file checkpoint, or a hub id (online).")
-    layout: str = _f("small", "Student layout to build from the teacher and train.", ("base", "small", "tiny"))
-    data: str = _f("", "Image folder with metadata.jsonl or metadata.csv (file_name, text), as LAION-Aesthetics.")
-    caption_column: str = _f("text", "Caption column of the metadata.")
-    image_column: str = _f("file_name", "Image file column of the metadata.")
-    lambda_task: float = _f(1.0, "Weight of the task loss ||eps - eps_student||^2.")
-    lambda_out_kd: float = _f(1.0, "Weight of the output-KD loss ||eps_teacher - eps_student||^2.")
-    lambda_feat_kd: float = _f(1.0, "Weight of the feature-KD loss (sum over the stage pairs of the layout).")
-    use_ema: bool = _f(True, "Keep an exponential moving average of the student; the output is the EMA.")
-    ema_decay: float = _f(0.9999, "EMA decay per optimiser update.")
-    teacher_half: bool = _f(True, "Run the frozen teacher, VAE and text encoder in half precision (bf16 on CPU).")
-    cache: bool = _f(False, "Encode every image and caption once (VAE latents, text embeddings) into a cache "
-                            "reused across runs; about 150 KB a pair at 512 px (180 KB with random flips, "
-                            "whose flipped crops are encoded too). Crops are then centred.")
-    cache_dir: str = _f("", "Folder of the latent/text cache (empty = ~/.cache/bksdm/latents).")
+    teacher: str = setting("", "The SD-v1/v2 teacher: a diffusers folder, a single-file checkpoint, or a hub id "
+                               "(online).", label="Teacher model", group="Model", kind="model")
+    layout: str = setting("small", "Student layout to build from the teacher and train.", label="Student layout",
+                          group="Model", choices=lambda: layouts.STUDENTS)
+    data: str = setting("", "Image folder with metadata.jsonl or metadata.csv (file_name, text), as "
+                            "LAION-Aesthetics.", label="Training images", group="Data", kind="folder")
+    caption_column: str = setting("text", "Caption column of the metadata.", label="Caption column", group="Data",
+                                  advanced=True)
+    image_column: str = setting("file_name", "Image file column of the metadata.", label="Image column",
+                                group="Data", advanced=True)
+    lambda_task: float = setting(1.0, "Weight of the task loss ||eps - eps_student||^2.", label="Task loss weight",
+                                 group="Losses", min=0.0)
+    lambda_out_kd: float = setting(1.0, "Weight of the output-KD loss ||eps_teacher - eps_student||^2.",
+                                   label="Output-KD weight", group="Losses", min=0.0)
+    lambda_feat_kd: float = setting(1.0, "Weight of the feature-KD loss (sum over the stage pairs of the layout).",
+                                    label="Feature-KD weight", group="Losses", min=0.0)
+    use_ema: bool = setting(True, "Keep an exponential moving average of the student; the output is the EMA.",
+                            label="EMA", group="Recipe")
+    ema_decay: float = setting(0.9999, "EMA decay per optimiser update.", label="EMA decay", group="Recipe",
+                               advanced=True, min=0.0, max=1.0)
+    teacher_half: bool = setting(True, "Run the frozen teacher, VAE and text encoder in half precision (bf16 on "
+                                       "CPU).", label="Half-precision teacher", group="Speed & memory")
+    cache: bool = setting(False, "Encode every image and caption once (VAE latents, text embeddings) into a cache "
+                                 "reused across runs; about 150 KB a pair at 512 px (180 KB with random flips, "
+                                 "whose flipped crops are encoded too). Crops are then centred.",
+                          label="Latent cache", group="Speed & memory")
+    cache_dir: str = setting("", "Folder of the latent/text cache (empty = ~/.cache/bksdm/latents).",
+                             label="Cache folder", group="Speed & memory", advanced=True, kind="folder")
 
     def validate(self) -> None:
-        from .. import layouts
         from .data import read_metadata
 
-        super().validate()
-        lay = layouts.get_layout(self.layout)
+        lay = layouts.get_layout(self.layout)  # an unknown name is named as such, before the choices check
         if not lay.is_student:
-            raise BKSDMError("layout must be a student layout: base, small or tiny.")
+            raise BKSDMError(f"layout must be a student layout: {', '.join(layouts.STUDENTS)}.")
+        super().validate()
         check_model_source(self.teacher, "teacher")
         read_metadata(self.data, self.image_column, self.caption_column)
         if self.use_ema and not 0 < self.ema_decay < 1:
@@ -201,38 +156,64 @@ class DreamBoothConfig(TrainConfig):
 
     kind: ClassVar[str] = "dreambooth"
 
-    base_model: str = _f("", "The model to personalise: a BK-SDM or SD diffusers folder or single-file checkpoint.")
-    instance_data: str = _f("", "Folder with the subject's photos.")
-    identifier: str = _f("sks", "The rare token that names the subject; the instance prompt must contain it.")
-    instance_prompt: str = _f("a sks dog", "Prompt of the subject's photos, with the identifier.")
-    class_prompt: str = _f("a dog", "Prompt of the subject's class (prior preservation).")
-    prior_preservation: bool = _f(True, "Train on generated class images too, so the class keeps its look.")
-    prior_loss_weight: float = _f(1.0, "Weight of the class (prior-preservation) loss.")
-    num_class_images: int = _f(200, "Class images to use; missing ones are generated once and cached in the job.")
-    class_data: str = _f("", "A folder of your own class images (empty = generate them into the job folder).")
-    class_generator: str = _f("", "Model that generates class images (empty = the base model; the paper uses SD).")
-    class_guidance: float = _f(7.5, "Guidance scale of the class-image generation.")
-    class_steps: int = _f(25, "Denoising steps per generated class image (PNDM).")
-    mode: str = _f("full", "full: U-Net (and text encoder) fine-tuning; lora: peft LoRA adapters.", ("full", "lora"))
-    train_text_encoder: bool = _f(True, "Train the text encoder too (full mode: all of it; LoRA: q/v adapters).")
-    lora_rank: int = _f(16, "U-Net LoRA rank (on attention to_q, to_v).")
-    lora_alpha: float = _f(27.0, "U-Net LoRA alpha.")
-    text_lora_rank: int = _f(16, "Text-encoder LoRA rank (on q_proj, v_proj).")
-    text_lora_alpha: float = _f(17.0, "Text-encoder LoRA alpha.")
+    base_model: str = setting("", "The model to personalise: a BK-SDM or SD diffusers folder or single-file "
+                                  "checkpoint.", label="Base model", group="Model", kind="model")
+    instance_data: str = setting("", "Folder with the subject's photos.", label="Subject photos", group="Data",
+                                 kind="folder")
+    identifier: str = setting("sks", "The rare token that names the subject; the instance prompt must contain it.",
+                              label="Identifier", group="Data")
+    instance_prompt: str = setting("a sks dog", "Prompt of the subject's photos, with the identifier.",
+                                   label="Instance prompt", group="Data", kind="prompt")
+    class_prompt: str = setting("a dog", "Prompt of the subject's class (prior preservation).",
+                                label="Class prompt", group="Data", kind="prompt")
+    prior_preservation: bool = setting(True, "Train on generated class images too, so the class keeps its look.",
+                                       label="Prior preservation", group="Losses")
+    prior_loss_weight: float = setting(1.0, "Weight of the class (prior-preservation) loss.",
+                                       label="Prior loss weight", group="Losses", min=0.0)
+    num_class_images: int = setting(200, "Class images to use; missing ones are generated once and cached in the "
+                                         "job.", label="Class images", group="Data", min=0, max=100_000)
+    class_data: str = setting("", "A folder of your own class images (empty = generate them into the job folder).",
+                              label="Class image folder", group="Data", kind="folder")
+    class_generator: str = setting("", "Model that generates class images (empty = the base model; the paper uses "
+                                       "SD).", label="Class image model", group="Model", kind="model")
+    class_guidance: float = setting(7.5, "Guidance scale of the class-image generation.", label="Class guidance",
+                                    group="Data", advanced=True, min=0.0, max=50.0)
+    class_steps: int = setting(25, "Denoising steps per generated class image (PNDM).", label="Class image steps",
+                               group="Data", advanced=True, min=1, max=1000)
+    mode: str = setting("full", "full: U-Net (and text encoder) fine-tuning; lora: peft LoRA adapters.",
+                        label="Mode", group="Model", choices=("full", "lora"))
+    train_text_encoder: bool = setting(True, "Train the text encoder too (full mode: all of it; LoRA: q/v "
+                                             "adapters).", label="Train text encoder", group="Recipe")
+    lora_rank: int = setting(16, "U-Net LoRA rank (on attention to_q, to_v).", label="LoRA rank", group="Recipe",
+                             min=1, max=1024)
+    lora_alpha: float = setting(27.0, "U-Net LoRA alpha.", label="LoRA alpha", group="Recipe", min=0.0)
+    text_lora_rank: int = setting(16, "Text-encoder LoRA rank (on q_proj, v_proj).", label="Text LoRA rank",
+                                  group="Recipe", advanced=True, min=1, max=1024)
+    text_lora_alpha: float = setting(17.0, "Text-encoder LoRA alpha.", label="Text LoRA alpha", group="Recipe",
+                                     advanced=True, min=0.0)
     # DreamBooth's own recipe (BKSDM.md §4) in place of the distillation one
-    resolution: int = _f(512, "Training image side in pixels (random crop unless center_crop).")
-    train_batch_size: int = _f(1, "Instance images per step (with prior preservation, as many class images join).")
-    gradient_accumulation_steps: int = _f(1, "Steps whose gradients are summed before one optimiser update.")
-    max_steps: int = _f(800, "Optimiser updates to train for.")
-    learning_rate: float | None = _f(None, "Learning rate (empty = 1e-6 for full, 1e-4 for LoRA).")
-    center_crop: bool = _f(False, "Crop the center of each image (else a random crop).")
-    random_flip: bool = _f(False, "Flip images horizontally at random.")
-    checkpoint_every: int = _f(200, "Save a resumable checkpoint every N steps and at the end "
-                                    "(0 = never; cancelling always saves one).")
-    sample_every: int = _f(200, "Render validation images every N steps (0 = never).")
-    sample_prompts: list = _f(("a sks dog in the snow", "a sks dog on the beach"),
-                              "Fixed prompts of the validation images.")
-    num_workers: int = _f(0, "Data-loading worker processes (0 = load in the training process).")
+    resolution: int = setting(512, "Training image side in pixels (random crop unless center_crop).",
+                              label="Resolution", group="Data", min=64, max=2048, multiple_of=8)
+    train_batch_size: int = setting(1, "Instance images per step (with prior preservation, as many class images "
+                                       "join).", label="Batch size", group="Recipe", min=1, max=4096)
+    gradient_accumulation_steps: int = setting(1, "Steps whose gradients are summed before one optimiser update.",
+                                               label="Gradient accumulation", group="Recipe", min=1, max=4096)
+    max_steps: int = setting(800, "Optimiser updates to train for.", label="Steps", group="Recipe", min=1, max=10**9)
+    learning_rate: float | None = setting(None, "Learning rate (empty = 1e-6 for full, 1e-4 for LoRA).",
+                                          label="Learning rate", group="Recipe", min=0.0, max=1.0)
+    center_crop: bool = setting(False, "Crop the center of each image (else a random crop).", label="Center crop",
+                                group="Data")
+    random_flip: bool = setting(False, "Flip images horizontally at random.", label="Random flip", group="Data")
+    checkpoint_every: int = setting(200, "Save a resumable checkpoint every N steps and at the end "
+                                         "(0 = never; cancelling always saves one).", label="Checkpoint every",
+                                    group="Output", min=0)
+    sample_every: int = setting(200, "Render validation images every N steps (0 = never).", label="Samples every",
+                                group="Output", min=0)
+    sample_prompts: list = setting(("a sks dog in the snow", "a sks dog on the beach"),
+                                   "Fixed prompts of the validation images.", label="Sample prompts", group="Output",
+                                   kind="prompt")
+    num_workers: int = setting(0, "Data-loading worker processes (0 = load in the training process).",
+                               label="Data workers", group="Speed & memory", min=0, max=256)
 
     @property
     def lr(self) -> float:
@@ -244,8 +225,6 @@ class DreamBoothConfig(TrainConfig):
         from .data import list_images
 
         super().validate()
-        if self.mode not in ("full", "lora"):
-            raise BKSDMError(f"mode must be 'full' or 'lora', not {self.mode!r}.")
         check_model_source(self.base_model, "base_model")
         unet_config = Path(self.base_model) / "unet" / "config.json"
         if unet_config.is_file():
@@ -267,88 +246,3 @@ class DreamBoothConfig(TrainConfig):
                 raise BKSDMError("num_class_images must be at least 1 with prior preservation.")
             if self.class_data:
                 list_images(self.class_data, "class_data", allow_empty=True)
-        for name in ("lora_rank", "text_lora_rank", "class_steps"):
-            if getattr(self, name) < 1:
-                raise BKSDMError(f"{name} must be at least 1.")
-
-
-CONFIGS: dict[str, type] = {c.kind: c for c in (DistillConfig, DreamBoothConfig)}
-
-
-def config_class(kind: str) -> type:
-    try:
-        return CONFIGS[kind]
-    except KeyError:
-        raise BKSDMError(f"Unknown training kind {kind!r}: choose one of {', '.join(CONFIGS)}.") from None
-
-
-def check_model_source(source: str, name: str) -> None:
-    """A model is a diffusers folder, a single-file checkpoint, or a hub id 'owner/name' (needs internet)."""
-    if not source:
-        raise BKSDMError(f"Set {name}: a diffusers folder or a .safetensors/.ckpt checkpoint.")
-    path = Path(source)
-    if path.is_dir():
-        if not (path / "unet" / "config.json").is_file():
-            raise BKSDMError(f"{name} {source} is a folder without unet/config.json: give a diffusers pipeline folder.")
-    elif path.is_file():
-        if path.suffix.lower() not in (".safetensors", ".ckpt"):
-            raise BKSDMError(f"{name} {source} is not a .safetensors or .ckpt checkpoint.")
-    elif os.path.isabs(source) or source.count("/") != 1 or source.startswith((".", "~")):
-        raise BKSDMError(f"{name} {source} does not exist: give an existing folder or checkpoint file.")
-
-
-def _ordered_fields(cls) -> list[dataclasses.Field]:
-    """The job's own settings (model, data) first, then the shared training ones."""
-    own = set(vars(cls).get("__annotations__", {})) - set(TrainConfig.__annotations__)
-    fields = dataclasses.fields(cls)
-    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
-
-
-def _type_name(f: dataclasses.Field) -> str:
-    return str(f.type).replace(" | None", "").replace("typing.", "")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _coerce(f: dataclasses.Field, value):
-    kind = _type_name(f)
-    try:
-        if value is None or kind == "list":
-            return list(value) if isinstance(value, (list, tuple)) else value
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind == "float":
-            value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(value)
-            return value
-        return str(value)
-    except (TypeError, ValueError):
-        raise BKSDMError(f"Setting {f.name} must be a {kind}, not {value!r}.") from None
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """A flat TOML document: strings, numbers, booleans and lists of those are all a job config holds."""
-
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise BKSDMError(f"Cannot write {type(v).__name__} to TOML.")
-
-    return "".join(f"{k} = {value(v)}\n" for k, v in data.items())

@@ -3,7 +3,7 @@
     loss = λ_task‖target − ε_S‖² + λ_out‖ε_T − ε_S‖² + λ_feat Σ_l‖f_T^l − f_S^l‖²
 
 Read `train` top to bottom: data, models, the loss of one micro-batch, the loop (shared with
-DreamBooth, `core.fit`), the output.
+DreamBooth, `loop.fit`), the output.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from ..io import folder_bytes, human_size, require_free_space
 from ..student import build_student
 from . import cache as latent_cache
 from .config import DistillConfig
-from .core import Job, apply_speedups, fit, half_dtype, render_samples
+from .loop import Job, fit
+from .samples import render_samples
+from .speed import apply_speedups, half_dtype
 from .data import Batches, CaptionedImages, read_metadata, reject_reason
 from .export import check_output_free, export_model, model_bytes, output_dir
 from .losses import diffusion_target, distill_loss, feature_taps
@@ -51,12 +53,12 @@ def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator
 
     def render(step, ema):
         with (ema.applied() if ema else contextlib.nullcontext()), _half_autocast(job.device, run.frozen_dtype):
-            return render_samples(parts, run.student, config.sample_prompts, job.job_dir / "samples",
+            return render_samples(parts, run.student, config.sample_prompts, job.folder.samples,
                                   f"step-{step:06d}", config.sample_steps, config.resolution, config.seed)
 
-    if config.sample_every and acc.is_main_process and not (job.job_dir / "samples" / "teacher-0.png").exists():
+    if config.sample_every and acc.is_main_process and not (job.folder.samples / "teacher-0.png").exists():
         with _half_autocast(job.device, run.frozen_dtype):
-            render_samples(parts, run.teacher, config.sample_prompts, job.job_dir / "samples", "teacher",
+            render_samples(parts, run.teacher, config.sample_prompts, job.folder.samples, "teacher",
                            config.sample_steps, config.resolution, config.seed)
 
     # the loop
@@ -69,7 +71,7 @@ def train(config: DistillConfig, job_dir, resume: str | None = None, accelerator
         if acc.is_main_process:
             with ema.applied() if ema else contextlib.nullcontext():
                 out = export_model(job, run.student, parts["root"], _output_name(config))
-            job.progress.update(state="done", message=f"Finished: {out}")
+            job.progress.update(state="done", message=f"Finished: {out}", output=str(out))
         acc.wait_for_everyone()
     job.progress.close()
     return outcome

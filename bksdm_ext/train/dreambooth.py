@@ -3,7 +3,7 @@
     loss = ‖target − ε(instance)‖² + w_prior ‖target − ε(class)‖²
 
 Read `train` top to bottom: data (instance photos, class images generated once), models (full
-fine-tuning or peft LoRA adapters), the loss of one micro-batch, the loop (`core.fit`), the output
+fine-tuning or peft LoRA adapters), the loss of one micro-batch, the loop (`loop.fit`), the output
 (single-file checkpoint, or a LoRA file in the WebUI's LDM naming plus the diffusers form).
 """
 
@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from .. import layouts
+from ..io import write_image, write_text
 from .config import DreamBoothConfig
-from .core import Job, apply_speedups, fit, half_dtype, render_samples
+from .loop import Job, fit
+from .samples import render_samples
+from .speed import apply_speedups, half_dtype
 from .data import Batches, CaptionedImages, list_images
-from .export import check_output_free, export_model, model_bytes, output_dir
+from .export import check_output_free, export_model, model_bytes, output_dir, outputs
 from .losses import diffusion_target, prior_preservation_loss
 from .models import encode_images, encode_prompts, freeze, layout_of, load_parts
 
@@ -43,7 +45,7 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
             f"mode {config.mode}.")
     class_images = []
     if config.prior_preservation:
-        class_dir = Path(config.class_data) if config.class_data else job.job_dir / "class_images"
+        class_dir = Path(config.class_data) if config.class_data else job.folder.class_images
         if acc.is_main_process:
             generate_class_images(job, class_dir, parts)
         acc.wait_for_everyone()
@@ -103,7 +105,7 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
 
     def render(step, ema):
         with _autocast(device, frozen_dtype):
-            return render_samples(parts, unet, config.sample_prompts, job.job_dir / "samples", f"step-{step:06d}",
+            return render_samples(parts, unet, config.sample_prompts, job.folder.samples, f"step-{step:06d}",
                                   config.sample_steps, config.resolution, config.seed)
 
     # the loop
@@ -122,7 +124,7 @@ def train(config: DreamBoothConfig, job_dir, resume: str | None = None, accelera
                 out = export_lora(job, unet, text_encoder if train_text else None, layout, name, config)
             else:
                 out = export_model(job, unet, parts["root"], name, text_encoder if train_text else None)
-            job.progress.update(state="done", message=f"Finished: {out}")
+            job.progress.update(state="done", message=f"Finished: {out}", output=str(out))
         acc.wait_for_everyone()
     job.progress.close()
     return outcome
@@ -178,7 +180,7 @@ def generate_class_images(job: Job, folder: Path, parts: dict) -> None:
                                    scheduler=PNDMScheduler.from_config(gen_parts["scheduler"].config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    (folder / ".class_images.json").write_text(json.dumps({
+    write_text(folder / ".class_images.json", json.dumps({
         "prompt": config.class_prompt, "generator": config.class_generator or config.base_model,
         "resolution": config.resolution, "guidance": config.class_guidance, "steps": config.class_steps}))
     index = 0
@@ -189,9 +191,7 @@ def generate_class_images(job: Job, folder: Path, parts: dict) -> None:
             generator = torch.Generator("cpu").manual_seed(config.seed + index)
             image = pipe(config.class_prompt, num_inference_steps=config.class_steps, height=config.resolution,
                          width=config.resolution, guidance_scale=config.class_guidance, generator=generator).images[0]
-            tmp = folder / f".class-{index:05d}.tmp.png"
-            image.save(tmp)
-            os.replace(tmp, folder / f"class-{index:05d}.png")
+            write_image(folder / f"class-{index:05d}.png", image)
             job.progress.update(message=f"generated class image {index + 1}")
     job.say(f"Generated {missing} class images.")
 
@@ -258,15 +258,15 @@ def export_lora(job: Job, unet, text_encoder, layout: str, name: str, config: Dr
 
     from ..io import write_safetensors
 
-    out = output_dir(job)
-    out.mkdir(parents=True, exist_ok=True)
+    out = outputs(job, name)
+    out.claim(out.single, out.lora_diffusers)  # this job's earlier ones go; a foreign one is refused
     family = "v2" if unet.config.cross_attention_dim == 1024 else "v1"
-    path = write_safetensors(out / f"{name}.safetensors", webui_lora_state_dict(unet, text_encoder, layout, family),
+    path = write_safetensors(out.single, webui_lora_state_dict(unet, text_encoder, layout, family),
                              {"ss_network_module": "networks.lora", "ss_network_dim": str(config.lora_rank),
                               "ss_network_alpha": str(config.lora_alpha), "bksdm.layout": layout,
                               "bksdm.base_model": str(config.base_model)})
     StableDiffusionPipeline.save_lora_weights(
-        out / f"{name}-diffusers", unet_lora_layers=get_peft_model_state_dict(unet),
+        out.lora_diffusers, unet_lora_layers=get_peft_model_state_dict(unet),
         text_encoder_lora_layers=get_peft_model_state_dict(text_encoder) if text_encoder is not None else None)
     job.say(f"Wrote {path} (use <lora:{name}:1> on the {layouts.get_layout(layout).title} model it was trained on).")
     return path

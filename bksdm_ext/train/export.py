@@ -1,30 +1,36 @@
-"""A finished job's model: a diffusers folder and, made from it by the converter, the WebUI checkpoint + yaml."""
+"""A finished job's model: a diffusers folder and, made from it by the converter, the WebUI checkpoint + yaml.
+
+Where each goes is `bksdm_ext.job.Outputs`: the diffusers copy stays in the job folder, the single file
+and its yaml go to output_dir (the WebUI's models folder) when one is set.
+"""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..convert import convert
-from ..errors import BKSDMError
-from ..io import folder_bytes
+from ..io import folder_bytes, new_folder
+from ..job import Outputs
 from ..pipeline_folder import write_student_folder
 
 
+def outputs(job, name: str) -> Outputs:
+    """Where the job's model called `name` goes (`bksdm_ext.job.Outputs`)."""
+    return Outputs(job.folder, job.config.output_dir, name)
+
+
 def output_dir(job) -> Path:
-    return Path(job.config.output_dir) if job.config.output_dir else job.job_dir / "output"
+    """The folder of the single-file checkpoint (the config's output_dir, or the job's output/)."""
+    return Outputs(job.folder, job.config.output_dir).dir
 
 
 def check_output_free(job, name: str) -> None:
-    """Refuse, before training, to overwrite a model outside the job folder."""
-    out = output_dir(job)
-    if job.config.output_dir:
-        taken = [p for p in (out / name, out / f"{name}.safetensors") if p.exists()]
-        if taken:
-            raise BKSDMError(f"{taken[0]} already exists: choose another output_name or output_dir.")
+    """Refuse, before training, to overwrite a model this job did not write."""
+    out = outputs(job, name)
+    out.check_free(out.single, out.yaml, out.diffusers, out.lora_diffusers)
 
 
 def model_bytes(root: Path, *trained: torch.nn.Module) -> int:
@@ -42,22 +48,17 @@ def export_model(job, unet, root: Path, name: str, text_encoder=None) -> Path:
 
     Returns the single-file checkpoint. Weights are written in fp32, whatever the training precision.
     """
-    out = output_dir(job)
-    out.mkdir(parents=True, exist_ok=True)
-    folder, single = out / name, out / f"{name}.safetensors"
-    if not job.config.output_dir:  # the job's own output/ belongs to this job: a rerun replaces it
-        shutil.rmtree(folder, ignore_errors=True)
-        for stale in (single, single.with_suffix(".yaml")):
-            stale.unlink(missing_ok=True)
-    write_student_folder(_fp32(unet), folder, root)
+    out = outputs(job, name)
+    out.claim(out.single, out.yaml, out.diffusers)  # this job's earlier ones go; a foreign one is refused
+    out.dir.mkdir(parents=True, exist_ok=True)
+    write_student_folder(_fp32(unet), out.diffusers, root)
     if text_encoder is not None:
-        tmp = folder / ".text_encoder.partial"
-        _fp32(text_encoder).save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(folder / "text_encoder", ignore_errors=True)
-        os.replace(tmp, folder / "text_encoder")
-    for line in convert(folder, single):
+        shutil.rmtree(out.diffusers / "text_encoder")
+        with new_folder(out.diffusers / "text_encoder") as tmp:
+            _fp32(text_encoder).save_pretrained(tmp, safe_serialization=True)
+    for line in convert(out.diffusers, out.single):
         job.say(line)
-    return single
+    return out.single
 
 
 def _fp32(module: torch.nn.Module) -> torch.nn.Module:

@@ -97,13 +97,14 @@ def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None =
 
 def layout_of(unet_config) -> str:
     """The BK layout (or 'teacher' for SD itself) of a diffusers U-Net config; refuses any other."""
-    from .. import layouts
+    from ..detect import match_layout
 
     config = dict(unet_config)
-    shape = (config.get("layers_per_block"), config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None,
-             len(config.get("down_block_types", ())))
-    for lay in layouts.LAYOUTS.values():
-        if shape == (lay.layers_per_block, lay.mid_block, lay.stages):
-            return lay.name
-    raise BKSDMError(f"The U-Net (layers_per_block {shape[0]}, mid block {shape[1]}, {shape[2]} stages) is neither "
-                     "SD-1.x/2.x nor a BK-SDM layout: choose a BK-SDM or SD model.")
+    stages, per_block = len(config.get("down_block_types", ())), config.get("layers_per_block")
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None
+    per_stage = tuple(per_block) if isinstance(per_block, (list, tuple)) else (per_block,) * stages
+    try:
+        return match_layout(stages, per_stage, mid, "diffusers config").name
+    except BKSDMError:
+        raise BKSDMError(f"The U-Net (layers_per_block {per_block}, mid block {mid}, {stages} stages) is neither "
+                         "SD-1.x/2.x nor a BK-SDM layout: choose a BK-SDM or SD model.") from None

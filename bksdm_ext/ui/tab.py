@@ -1,8 +1,9 @@
 """The BK-SDM tab: launch, watch, stop and resume jobs. The same Blocks serve the WebUI tab and `bksdm app`.
 
-Forms are generated from the kinds' typed config dataclasses (field defaults and `help`/`choices`
-metadata), so the tab never re-states a setting. The job views refresh when `javascript/bksdm.js`
-clicks the hidden refresh button, only while the tab is visible.
+Forms are generated from the kinds' settings (`JobConfig.settings`: defaults, help, labels,
+choices), the same descriptions the CLI's flags come from, so the tab never re-states a setting.
+The job views refresh when `javascript/bksdm.js` clicks the hidden refresh button, only while the
+tab is visible.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..errors import BKSDMError
+from ..job_config import Setting
+from ..kinds import Kind
 from ..jobs.api import job_view
 from ..jobs.guard import AccessGuard
-from ..jobs.kinds import JobKind
 from ..jobs.runner import Runner
 
 JAVASCRIPT = Path(__file__).resolve().parents[2] / "javascript" / "bksdm.js"
@@ -52,33 +54,15 @@ class TabContext:
 
 # --- forms from config dataclasses -------------------------------------------------------------
 
-@dataclass
-class FormField:
-    name: str
-    type: str  # "bool", "int", "float", "str", "list"
-    default: Any
-    help: str
-    choices: tuple | None
-    own: bool  # declared by the kind's class itself (model, data) rather than the shared recipe
+def form_fields(cls: type) -> list[Setting]:
+    """The settings of a config class as a form shows them: its own settings first, then the shared ones.
+
+    The same descriptions the CLI's flags come from (`JobConfig.settings`)."""
+    return cls.settings()
 
 
-def form_fields(cls: type) -> list[FormField]:
-    """The fields of a config class as a form shows them: its own settings first, then the shared ones."""
-    own = set(vars(cls).get("__annotations__", {}))
-    out = []
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("hidden"):
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kind = str(f.type).replace(" | None", "").replace("typing.", "").split("[")[0]
-        choices = f.metadata.get("choices")
-        out.append(FormField(f.name, kind, None if default is dataclasses.MISSING else default,
-                             f.metadata.get("help", ""), tuple(choices) if choices else None, f.name in own))
-    return sorted(out, key=lambda field: not field.own)
-
-
-def _component(field: FormField, kind: str) -> gr.components.Component:
-    label, elem_id = field.name.replace("_", " "), f"bksdm_{kind}_{field.name}"
+def _component(field: Setting, kind: str) -> gr.components.Component:
+    label, elem_id = field.label, f"bksdm_{kind}_{field.name}"
     if field.choices:
         return gr.Dropdown(list(field.choices), value=field.default, label=label, info=field.help, elem_id=elem_id)
     if field.type == "bool":
@@ -93,7 +77,7 @@ def _component(field: FormField, kind: str) -> gr.components.Component:
                       elem_id=elem_id)
 
 
-def _field_rows(fields: list[FormField], components: list, kind: str, per_row: int = 3) -> None:
+def _field_rows(fields: list[Setting], components: list, kind: str, per_row: int = 3) -> None:
     """Fields three to a row: the form stays short enough to see the launch button."""
     for start in range(0, len(fields), per_row):
         with gr.Row(equal_height=True):
@@ -101,7 +85,7 @@ def _field_rows(fields: list[FormField], components: list, kind: str, per_row: i
                 components.append(_component(field, kind))
 
 
-def form_values(fields: list[FormField], raw: list[Any]) -> dict[str, Any]:
+def form_values(fields: list[Setting], raw: list[Any]) -> dict[str, Any]:
     """The form's values as a config dict: empty numbers keep their default, lists are one item a line."""
     values: dict[str, Any] = {}
     for field, value in zip(fields, raw):
@@ -131,9 +115,9 @@ def _guarded(action: Callable[[], str]) -> str:
         return _message(f"Unexpected error: {error}. The server's console has the details.", False)
 
 
-def _form(context: TabContext, kind: JobKind) -> None:
+def _form(context: TabContext, kind: Kind) -> None:
     try:
-        fields = form_fields(kind.load_config_class())
+        fields = form_fields(kind.config_class())
     except BKSDMError as error:
         gr.Markdown(str(error))
         return

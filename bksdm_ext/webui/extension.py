@@ -146,6 +146,7 @@ def on_app_started(demo, app) -> None:
 
 
 def on_ui_tabs():
+    from .. import kinds
     from ..ui.tab import TabContext, build_tab
     from . import timings
     from .models import models_dir
@@ -154,7 +155,8 @@ def on_ui_tabs():
     outputs = {"output_dir": str(models_dir())}
     context = TabContext(runner(), _guard(), timings_store=timings.store_path, benchmark=timings.run_benchmark,
                          checkpoint_choices=timings.checkpoint_titles,
-                         form_defaults={"distill": outputs, "dreambooth": outputs, "convert": outputs})
+                         form_defaults={name: outputs for name, kind in kinds.all().items()
+                                        if "output_dir" in {s.name for s in kind.config_class().settings()}})
     return [(build_tab(context), "BK-SDM", "bksdm")]
 
 
