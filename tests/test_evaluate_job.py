@@ -174,3 +174,16 @@ def test_bad_settings_are_refused_before_a_job_exists(models, tmp_path):
             ({"models": [teacher, teacher], "sampler": "LMS"}, "sampler must be one of")):
         with pytest.raises(BKSDMError, match=message):
             evaluate.build_config(values)
+
+
+def test_the_tab_form_and_the_cli_come_from_the_same_settings():
+    from bksdm_ext import cli, job_config
+    from bksdm_ext.evaluate.config import EvaluateConfig
+    from bksdm_ext.ui.tab import form_fields
+
+    fields = [f.name for f in form_fields(EvaluateConfig)]
+    assert fields[0] == "models" and set(fields) == {s.name for s in EvaluateConfig.settings()}
+    for s in EvaluateConfig.settings():
+        assert s.labelled and s.group in job_config.GROUPS, s.name
+    args = cli.build_parser().parse_args(["evaluate", "teacher", "student", "--limit", "5", "--metrics", "fid,is"])
+    assert (args.setting_models, args.setting_limit, args.setting_metrics) == (["teacher", "student"], 5, "fid,is")

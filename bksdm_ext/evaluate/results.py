@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import json
 import os
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..io import write_image, write_json, write_text
 from ..job import JobFolder
 from .config import EvaluateConfig
 from .metrics import FID_VARIANT
+from .run import image_path, model_dir, read_json_or_empty
 
 FORMAT = "bksdm-evaluation-1"
 # BK-SDM (arXiv 2305.15798) Table 2 / BKSDM.md §5: zero-shot MS-COCO 256 px, 30K val2014 captions, PNDM 25 steps,
@@ -40,11 +40,9 @@ COLUMNS = (  # (key, heading, format)
 
 def write_results(config: EvaluateConfig, folder: JobFolder, prompts: list[str], scores: dict) -> dict:
     """Write results.json, results.csv and grid.png into the job folder; the results as a dict."""
-    from .run import model_dir
-
     models = []
     for k, source in enumerate(config.models):
-        info = _read(model_dir(folder.root / "images", k) / "model.json")
+        info = read_json_or_empty(model_dir(folder.root / "images", k) / "model.json")
         models.append({"index": k, "role": "teacher" if k == 0 else "student", "source": str(source),
                        "name": info.get("name", Path(source).name), "layout": info.get("layout", ""),
                        "hash": info.get("hash", ""), "seconds_per_image": info.get("seconds_per_image"),
@@ -132,8 +130,6 @@ def write_grid(path: Path, images_root: Path, table: dict, prompts: list[str]) -
     """The first prompts as rows, the models as columns (teacher first), each cell the evaluated image."""
     from PIL import Image, ImageDraw
 
-    from .run import image_path
-
     size = table["protocol"]["eval_size"]
     models = table["models"]
     label = 20
@@ -145,14 +141,6 @@ def write_grid(path: Path, images_root: Path, table: dict, prompts: list[str]) -
             with Image.open(image_path(images_root, k, i)) as cell:
                 grid.paste(cell.convert("RGB").resize((size, size)), (k * size, label + i * size))
     return write_image(path, grid)
-
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # --- history ------------------------------------------------------------------------------------
@@ -170,7 +158,7 @@ def history(roots: list[str | os.PathLike] | None = None) -> list[dict]:
     for root in [Path(r) for r in (roots or default_roots())]:
         candidates = [root / "results.json"] + sorted(root.glob("*/results.json")) if root.is_dir() else []
         for path in candidates:
-            table = _read(path)
+            table = read_json_or_empty(path)
             if table.get("format") != FORMAT or path.resolve() in seen:
                 continue
             seen.add(path.resolve())

@@ -95,7 +95,7 @@ def generate_all(config: EvaluateConfig, folder: JobFolder, prompts: list[str], 
     for index, source in enumerate(config.models):
         key = generation_key(config, source, prompts)
         directory = model_dir(images_root, index)
-        info = _read_json(directory / "model.json")
+        info = read_json_or_empty(directory / "model.json")
         if info.get("key") != key and directory.exists():
             print(f"Model {index} ({source}) or the protocol changed since its images were made: generating them "
                   "again.", flush=True)
@@ -194,7 +194,8 @@ def mark_checkpoint(folder: JobFolder, done: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _read_json(path: Path) -> dict:
+def read_json_or_empty(path: Path) -> dict:
+    """A small JSON file of the job folder, or {} when it is missing or damaged (then it is made again)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
