@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "bksdm_ext.commands.prune",
     "bksdm_ext.commands.train",
     "bksdm_ext.commands.timing",
+    "bksdm_ext.commands.evaluate",
     "bksdm_ext.commands.app",
     "bksdm_ext.commands.lora",
 )

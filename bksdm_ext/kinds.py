@@ -125,4 +125,6 @@ register(Kind("sensitivity", "Block sensitivity", "bksdm_ext.sensitivity.job:Sen
               help="how much each block of an SD teacher matters (BK-SDM App. C), and a layout for a target size"))
 register(Kind("lcm", "Few-step (LCM)", "bksdm_ext.train.lcm_distill:LcmConfig", "bksdm_ext.train.lcm_distill:train",
               help="latent-consistency distillation of a BK-SDM or SD model into a 2-8 step one (LoRA or full)"))
+register(Kind("evaluate", "Evaluate", "bksdm_ext.evaluate.config:EvaluateConfig", "bksdm_ext.evaluate.run:run",
+              help="FID, IS, CLIP score and teacher distance of a teacher and its students, from local weights"))
 _BUILTIN = frozenset(_KINDS)

@@ -23,7 +23,7 @@ def add_commands(sub) -> None:
     default = Protocol()
     p = sub.add_parser("bench-generate", help="time image generation with the paper's protocol "
                        "(512x512, 20 steps, DPM++ 2M Karras, CFG 7, seed 1234) and record it")
-    p.add_argument("models", nargs="+", type=Path, help="diffusers pipeline folders (e.g. SD-v1.5 and BK-SDM-Base-2M)")
+    p.add_argument("models", nargs="+", type=Path, help="diffusers pipeline folders or single-file checkpoints (e.g. SD-v1.5 and BK-SDM-Base-2M)")
     p.add_argument("--images", type=int, default=default.images, help="measured images per model")
     p.add_argument("--warmup", type=int, default=default.warmup, help="warm-up images per model, not recorded")
     p.add_argument("--steps", type=int, default=default.steps)

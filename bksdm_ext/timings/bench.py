@@ -3,7 +3,10 @@
 Protocol (BK-SDM, arXiv 2305.15798, Jetson AGX Orin table): 512x512, 20 steps, DPM++ 2M with Karras
 sigmas, CFG 7, seed 1234, warm-up images excluded, N measured images. Sampling uses k-diffusion's
 samplers on the diffusers U-Net when k-diffusion imports, else diffusers' DPMSolverMultistepScheduler
-(dpmsolver++, order 2, Karras sigmas): the same method.
+(dpmsolver++, order 2, Karras sigmas): the same method. PNDM (SD-v1's scheduler, the paper's
+evaluation sampler) always runs through diffusers' PNDMScheduler.
+
+`generate` is also the engine of the `evaluate` job: one prompt and one seed per image there.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from .. import detect, layouts
 from ..errors import BKSDMError
 from ..pipeline_folder import unet_dir
 from . import device as device_info
-from .protocol import K_SAMPLERS, Protocol
+from .protocol import DIFFUSERS_SAMPLERS, K_SAMPLERS, Protocol
 from .recorder import GenerationRecorder, RecorderSlot
 from .store import GenerationRecord, TimingStore, new_record_id
 
@@ -81,12 +84,17 @@ def short_hash(path: Path) -> str:
 
 
 def load_pipeline(folder: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None) -> Pipeline:
+    """A diffusers pipeline folder, or a single-file checkpoint (converted once into the model cache)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ..io import load_pretrained
     from ..tokenizer import fix_max_length
 
+    if Path(folder).is_file():
+        from ..train.models import single_file_folder
+
+        folder = single_file_folder(Path(folder))
     unet_folder, root = unet_dir(folder)
     if root is None:
         raise BKSDMError(f"{folder} is a U-Net folder; the benchmark needs a whole pipeline folder "
@@ -130,13 +138,16 @@ def k_denoiser(pipe: Pipeline):
 
 
 @torch.no_grad()
-def encode_prompts(pipe: Pipeline, prompt: str, negative: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    def encode(text):
-        ids = pipe.tokenizer([text] * batch, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+def encode_prompts(pipe: Pipeline, prompt: str | list[str], negative: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) of `prompt` repeated `batch` times, or of a list of prompts (one per image)."""
+    prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+
+    def encode(texts):
+        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(pipe.device)
         return pipe.text_encoder(ids)[0]
 
-    return encode(prompt), encode(negative)
+    return encode(prompts), encode([negative] * len(prompts))
 
 
 @torch.no_grad()
@@ -146,10 +157,10 @@ def encode_image(pipe: Pipeline, image: torch.Tensor) -> torch.Tensor:
     return latents.float() * pipe.vae.config.scaling_factor
 
 
-def _noise(protocol: Protocol, seed: int, pipe: Pipeline) -> torch.Tensor:
+def _noise(protocol: Protocol, seed: int, pipe: Pipeline, batch: int | None = None) -> torch.Tensor:
     # CPU generator: the same image on every device, as the WebUI's "CPU" RNG source
     generator = torch.Generator("cpu").manual_seed(seed)
-    shape = (protocol.batch_size, 4, protocol.height // 8, protocol.width // 8)
+    shape = (batch or protocol.batch_size, 4, protocol.height // 8, protocol.width // 8)
     return torch.randn(shape, generator=generator).to(pipe.device)
 
 
@@ -186,17 +197,25 @@ def sample_k_diffusion(pipe: Pipeline, protocol: Protocol, cond, uncond, noise, 
     return sample(guided, x, sigmas, disable=True)
 
 
-@torch.no_grad()
-def sample_diffusers(pipe: Pipeline, protocol: Protocol, cond, uncond, noise, init_latent=None) -> torch.Tensor:
-    """DPM++ 2M (Karras) through diffusers' DPMSolverMultistepScheduler, for when k-diffusion is absent."""
-    from diffusers import DPMSolverMultistepScheduler
+def diffusers_scheduler(pipe: Pipeline, protocol: Protocol):
+    """The protocol's sampler as a diffusers scheduler: PNDM, or DPM++ 2M (the k-diffusion-free path)."""
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
 
-    if protocol.sampler != "DPM++ 2M" or init_latent is not None:
-        raise BKSDMError("Without k-diffusion only txt2img with DPM++ 2M can be benchmarked: install k-diffusion "
-                         "or use --sampler 'DPM++ 2M' without --strength.")
-    scheduler = DPMSolverMultistepScheduler.from_config(
+    if protocol.sampler == "PNDM":
+        # SD-v1's scheduler as StableDiffusionPipeline runs it (PLMS steps, no Runge-Kutta warm-up)
+        return PNDMScheduler.from_config(pipe.scheduler_config, skip_prk_steps=True)
+    return DPMSolverMultistepScheduler.from_config(
         pipe.scheduler_config, use_karras_sigmas=protocol.schedule == "karras",
         algorithm_type="dpmsolver++", solver_order=2)
+
+
+@torch.no_grad()
+def sample_diffusers(pipe: Pipeline, protocol: Protocol, cond, uncond, noise, init_latent=None) -> torch.Tensor:
+    """PNDM, or DPM++ 2M (Karras) for when k-diffusion is absent, through diffusers' schedulers."""
+    if protocol.sampler not in ("DPM++ 2M", *DIFFUSERS_SAMPLERS) or init_latent is not None:
+        raise BKSDMError("Without k-diffusion only txt2img with DPM++ 2M or PNDM can run: install k-diffusion "
+                         "or use --sampler 'DPM++ 2M' without --strength.")
+    scheduler = diffusers_scheduler(pipe, protocol)
     scheduler.set_timesteps(protocol.steps, device=pipe.device)
     latents = noise * scheduler.init_noise_sigma
     context = torch.cat([uncond, cond])
@@ -234,17 +253,26 @@ def sample_lcm(pipe: Pipeline, protocol: Protocol, cond, uncond, noise, init_lat
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, protocol: Protocol, recorder: GenerationRecorder, seed: int,
-             backend: str = "k-diffusion", init_image: torch.Tensor | None = None):
-    """One batch of images, timed: total, sampling (inside), decode (by the slot's decoder hook)."""
+def generate(pipe: Pipeline, protocol: Protocol, recorder: GenerationRecorder, seed: int | list[int],
+             backend: str = "k-diffusion", init_image: torch.Tensor | None = None, prompts: list[str] | None = None):
+    """One batch of images, timed: total, sampling (inside), decode (by the slot's decoder hook).
+
+    The benchmark: `protocol.prompt` x batch size, one seed for the batch's noise. Evaluation: `prompts`
+    and a list of seeds, one each per image, so an image never depends on the batch it was made in.
+    """
     recorder.start()
-    cond, uncond = encode_prompts(pipe, protocol.prompt, protocol.negative_prompt, protocol.batch_size)
+    cond, uncond = encode_prompts(pipe, prompts or protocol.prompt, protocol.negative_prompt, protocol.batch_size)
     init_latent = encode_image(pipe, init_image) if init_image is not None else None
-    noise = _noise(protocol, seed, pipe)
+    if isinstance(seed, int):
+        noise = _noise(protocol, seed, pipe)
+    else:
+        noise = torch.cat([_noise(protocol, one, pipe, batch=1) for one in seed])
     if protocol.sampler == "LCM":
         sample = sample_lcm
+    elif backend == "k-diffusion" and protocol.sampler in K_SAMPLERS:
+        sample = sample_k_diffusion
     else:
-        sample = sample_k_diffusion if backend == "k-diffusion" else sample_diffusers
+        sample = sample_diffusers
     with recorder.sampling():
         latents = sample(pipe, protocol, cond, uncond, noise, init_latent)
     images = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).to(pipe.dtype)).sample
@@ -265,6 +293,29 @@ def attention_name(unet) -> str:
     return type(next(iter(processors.values()))).__name__ if processors else ""
 
 
+class Generator:
+    """A loaded pipeline with the timing hooks on its U-Net and VAE decoder: each call is one timed batch."""
+
+    def __init__(self, pipe: Pipeline, backend: str = "auto"):
+        self.pipe, self.backend = pipe, resolve_backend(backend)
+        self.slot = RecorderSlot("bench")
+        self.slot.hook_unet(pipe.unet)
+        self.slot.hook_decoder(pipe.vae.decoder)
+
+    def __call__(self, protocol: Protocol, seed: int | list[int], init_image: torch.Tensor | None = None,
+                 prompts: list[str] | None = None):
+        """(uint8 images (B, 3, H, W) on the CPU, Timings) of one batch; see `generate`."""
+        recorder = GenerationRecorder(self.pipe.device)
+        self.slot.active = recorder
+        try:
+            return generate(self.pipe, protocol, recorder, seed, self.backend, init_image, prompts)
+        finally:
+            self.slot.active = None
+
+    def close(self) -> None:
+        self.slot.remove_hooks()
+
+
 def run_benchmark(folders: list, protocol: Protocol, store: TimingStore, device: str = "cpu",
                   dtype: torch.dtype | None = None, backend: str = "auto", init_image: torch.Tensor | None = None,
                   progress: Callable[[str], None] = log.info) -> list[GenerationRecord]:
@@ -278,17 +329,9 @@ def run_benchmark(folders: list, protocol: Protocol, store: TimingStore, device:
     records = []
     for folder in folders:
         pipe = load_pipeline(folder, device, dtype)
-        slot = RecorderSlot("bench")
-        slot.hook_unet(pipe.unet)
-        slot.hook_decoder(pipe.vae.decoder)
+        generator = Generator(pipe, backend)
         for index in range(protocol.warmup + protocol.images):
-            recorder = GenerationRecorder(device)
-            slot.active = recorder
-            try:
-                _, timings = generate(pipe, protocol, recorder, protocol.seed + index * protocol.batch_size,
-                                      backend, init_image)
-            finally:
-                slot.active = None
+            _, timings = generator(protocol, protocol.seed + index * protocol.batch_size, init_image)
             if index < protocol.warmup:
                 continue
             record = GenerationRecord(
@@ -304,5 +347,6 @@ def run_benchmark(folders: list, protocol: Protocol, store: TimingStore, device:
             records.append(record)
             progress(f"{pipe.name} ({pipe.layout}): image {index - protocol.warmup + 1}/{protocol.images} "
                      f"{record.seconds_per_image:.3f} s, {timings.unet_calls} U-Net calls")
-        del pipe
+        generator.close()
+        del pipe, generator
     return records

@@ -16,8 +16,9 @@ K_SAMPLERS = {  # WebUI name -> k_diffusion.sampling function name
     "DPM++ 2M": "sample_dpmpp_2m",
     "DPM++ SDE": "sample_dpmpp_sde",
 }
-# few-step samplers run through diffusers whatever the backend: LCM = LCMScheduler (the WebUI's "LCM", 1.8+)
-DIFFUSERS_SAMPLERS = ("LCM",)
+# Samplers run by a diffusers scheduler whatever the backend: LCM = LCMScheduler (the WebUI's "LCM", 1.8+);
+# PNDM (PLMS), SD-v1's own and the paper's evaluation sampler
+DIFFUSERS_SAMPLERS = ("LCM", "PNDM")
 SAMPLERS = (*K_SAMPLERS, *DIFFUSERS_SAMPLERS)
 SCHEDULES = ("karras", "normal")
 

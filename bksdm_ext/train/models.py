@@ -42,7 +42,11 @@ def load_parts(source: str, parts=PARTS) -> dict:
 
 
 def _single_file_parts(path: Path, parts) -> dict:
-    """Convert a single-file checkpoint once into a diffusers folder in the cache, then load that.
+    return load_parts(str(single_file_folder(path)), parts)
+
+
+def single_file_folder(path: Path) -> Path:
+    """Convert a single-file checkpoint once into a diffusers pipeline folder in the cache; its path.
 
     The file has no tokenizer: the family's published one is used when the HF cache or the hub has it,
     else the same CLIP tokenizer is built offline from open_clip's vocabulary.
@@ -77,7 +81,7 @@ def _single_file_parts(path: Path, parts) -> dict:
                 lines = [f"{folder} was converted meanwhile by another process: using it."]
             for line in model.notes + lines:
                 print(line, flush=True)
-    return load_parts(str(folder), parts)
+    return folder
 
 
 def freeze(module: torch.nn.Module, dtype: torch.dtype, device) -> torch.nn.Module:
