@@ -241,11 +241,11 @@ def test_dreambooth_check_reads_subject_photos(tmp_path):
 
 def test_buttons_follow_the_job_state():
     view = lambda state, resumable=False: {"state": state, "resumable": resumable}  # noqa: E731
-    assert buttons_for(None, True) == dict.fromkeys(["cancel", "resume", "relaunch", "delete", "open", "use"], False)
-    assert buttons_for(view("running"), True) == {"cancel": True, "resume": False, "relaunch": True, "delete": False,
+    assert buttons_for(None, True) == dict.fromkeys(["stop", "resume", "relaunch", "delete", "open", "use"], False)
+    assert buttons_for(view("running"), True) == {"stop": True, "resume": False, "relaunch": True, "delete": False,
                                                    "open": True, "use": False}
-    assert buttons_for(view("queued"), True)["cancel"] and buttons_for(view("queued"), True)["delete"]
-    assert not buttons_for(view("cancelling"), True)["cancel"] and not buttons_for(view("cancelling"), True)["delete"]
+    assert buttons_for(view("queued"), True)["stop"] and buttons_for(view("queued"), True)["delete"]
+    assert not buttons_for(view("cancelling"), True)["stop"] and not buttons_for(view("cancelling"), True)["delete"]
     assert buttons_for(view("cancelled", True), True)["resume"] and not buttons_for(view("cancelled"), True)["resume"]
     assert buttons_for(view("failed", True), True)["resume"] and not buttons_for(view("done", True), True)["resume"]
     assert buttons_for(view("done"), True)["use"] and not buttons_for(view("done"), False)["use"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .. import layouts
 from ..errors import BKSDMError
@@ -103,11 +103,24 @@ class TrainConfig(JobConfig):
             check_writable(self.output_dir, "output_dir")
 
 
+# The tab's recipe presets (ui/presets.py describes each): the settings they give, per kind.
+QUICK_TEST = {"max_steps": 64, "resolution": 256, "train_batch_size": 4, "gradient_accumulation_steps": 1,
+              "checkpoint_every": 32, "sample_every": 32, "sample_steps": 10, "log_every": 1}
+SMALL_GPU = {"resolution": 512, "gradient_checkpointing": True, "optimizer": "adamw8bit", "mixed_precision": "fp16"}
+
+
 @dataclass
 class DistillConfig(TrainConfig):
     """Distillation retraining of a BK-SDM student from an SD teacher (BKSDM.md §3)."""
 
     kind: ClassVar[str] = "distill"
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "Quick test": QUICK_TEST,
+        "Single 24 GB GPU": {**SMALL_GPU, "train_batch_size": 8, "gradient_accumulation_steps": 32, "cache": True,
+                             "teacher_half": True},
+        "Single 12 GB GPU": {**SMALL_GPU, "train_batch_size": 2, "gradient_accumulation_steps": 128, "cache": True,
+                             "teacher_half": True},
+    }
 
     teacher: str = setting("", "The SD-v1/v2 teacher: a diffusers folder, a single-file checkpoint, or a hub id "
                                "(online).", label="Teacher model", group="Model", kind="model")
@@ -174,6 +187,11 @@ class DreamBoothConfig(TrainConfig):
     """DreamBooth personalisation of a BK-SDM (or SD) model, full or LoRA (BKSDM.md §4)."""
 
     kind: ClassVar[str] = "dreambooth"
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "Quick test": {**QUICK_TEST, "train_batch_size": 1},
+        "Single 24 GB GPU": {**SMALL_GPU, "train_batch_size": 1},
+        "Single 12 GB GPU": {**SMALL_GPU, "train_batch_size": 1, "train_text_encoder": False},
+    }
 
     base_model: str = setting("", "The model to personalise: a BK-SDM or SD diffusers folder or single-file "
                                   "checkpoint.", label="Base model", group="Model", kind="model")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import kinds
 from ..errors import BKSDMError
 from ..job_config import read_toml, write_toml
 
@@ -33,28 +34,17 @@ class Preset:
     values: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> settings; empty for PAPER
 
 
-_QUICK = {"max_steps": 64, "resolution": 256, "train_batch_size": 4, "gradient_accumulation_steps": 1,
-          "checkpoint_every": 32, "sample_every": 32, "sample_steps": 10, "log_every": 1}
-_SMALL_GPU = {"resolution": 512, "gradient_checkpointing": True, "optimizer": "adamw8bit", "mixed_precision": "fp16"}
-
-PRESETS: tuple[Preset, ...] = (
+PRESETS: tuple[Preset, ...] = (  # what each sets is the kind's own: its config class's `presets`
     Preset("Quick test", "64 steps at 256 px, batch 4: a few minutes on a GPU, to see that data, teacher and "
-           "output work before a long run. The model it makes is not useful yet.",
-           {"distill": dict(_QUICK), "dreambooth": {**_QUICK, "train_batch_size": 1}}),
+           "output work before a long run. The model it makes is not useful yet."),
     Preset(PAPER, "The paper's values: distillation 50,000 steps at 512 px, batch 64 x 4 accumulation "
            "(256 images per update), learning rate 5e-5, EMA; DreamBooth 800 steps, batch 1. About 80 GB of "
-           "GPU memory for distillation (the paper used one A100).", {}),
+           "GPU memory for distillation (the paper used one A100)."),
     Preset("Single 24 GB GPU", "The paper's 256 images per update as batch 8 x 32 accumulation, with gradient "
            "checkpointing, 8-bit Adam and the latent cache (no VAE or text encoder in the training steps). "
-           "About 20 GB. " + ESTIMATE,
-           {"distill": {**_SMALL_GPU, "train_batch_size": 8, "gradient_accumulation_steps": 32, "cache": True,
-                        "teacher_half": True},
-            "dreambooth": {**_SMALL_GPU, "train_batch_size": 1}}),
+           "About 20 GB. " + ESTIMATE),
     Preset("Single 12 GB GPU", "256 images per update as batch 2 x 128 accumulation, with gradient checkpointing, "
-           "8-bit Adam, the latent cache and a half-precision teacher. About 11 GB. " + ESTIMATE,
-           {"distill": {**_SMALL_GPU, "train_batch_size": 2, "gradient_accumulation_steps": 128, "cache": True,
-                        "teacher_half": True},
-            "dreambooth": {**_SMALL_GPU, "train_batch_size": 1, "train_text_encoder": False}}),
+           "8-bit Adam, the latent cache and a half-precision teacher. About 11 GB. " + ESTIMATE),
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _+-]{0,63}$")
 
@@ -64,8 +54,14 @@ def has_bitsandbytes() -> bool:
 
 
 def builtin(kind: str) -> list[Preset]:
-    """The built-in presets that apply to `kind` (the paper recipe applies to every training kind)."""
-    return [p for p in PRESETS if kind in p.values or p.title == PAPER]
+    """The built-in presets that apply to `kind`: those its config class gives settings for
+    (`presets`, title -> settings), and the paper recipe (its own defaults) for every training kind."""
+    own = getattr(kinds.get(kind).config_class(), "presets", {})
+    unknown = sorted(set(own) - {p.title for p in PRESETS})
+    if unknown:
+        raise BKSDMError(f"The {kind} presets {', '.join(unknown)} have no description in ui/presets.py.")
+    return [Preset(p.title, p.help, {kind: dict(own[p.title])} if p.title in own else {})
+            for p in PRESETS if p.title in own or p.title == PAPER]
 
 
 def preset_values(config_class: type, preset: Preset, bnb: bool | None = None) -> tuple[dict[str, Any], list[str]]:

@@ -507,7 +507,7 @@ def job_checkpoint(runner: Runner, job_id: str) -> Path | None:
 def buttons_for(view: dict | None, can_use: bool) -> dict[str, bool]:
     """Which job buttons are active for the selected job's state."""
     state = view["state"] if view else None
-    return {"cancel": state in ("queued", "running"),
+    return {"stop": state in ("queued", "running"),
             "resume": bool(view) and state in ("cancelled", "failed", "interrupted") and bool(view["resumable"]),
             "relaunch": bool(view), "delete": bool(view) and state not in ACTIVE_STATES,
             "open": bool(view), "use": can_use and state == "done"}
@@ -546,7 +546,7 @@ def _jobs(context: TabContext):
                           show_copy_button=True)
     done_marker = gr.Textbox(visible=False, elem_id="bksdm_done_marker")
     seen = gr.State({})  # what this browser already shows, so unchanged parts are not re-sent
-    buttons = {"cancel": cancel, "resume": resume, "relaunch": relaunch, "delete": delete, "open": open_output,
+    buttons = {"stop": cancel, "resume": resume, "relaunch": relaunch, "delete": delete, "open": open_output,
                "use": use}
 
     def update(job_id, shown, request: gr.Request = None):
