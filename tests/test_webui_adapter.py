@@ -224,3 +224,15 @@ def test_the_model_route_says_loading_while_a_checkpoint_loads(webui):
     assert [(seen["state"], seen["loading"]) for seen in sd_models.seen_loading] == [
         ("loading", _title(sd_models, "sd1-teacher")), ("loading", _title(sd_models, "mine"))]
     assert webui.route.model_report()["state"] == "loaded" and webui.loader.state.loading is None
+
+
+def test_loads_in_two_threads_that_overlap_leave_no_loading_state_behind(webui):
+    state = webui.loader.state
+    start_up, switch = state.loading_of(types.SimpleNamespace(title="start-up")), state.loading_of(types.SimpleNamespace(title="switch"))
+    start_up.__enter__()
+    switch.__enter__()  # asked for while the start-up load finishes
+    assert state.loading == "switch"
+    start_up.__exit__(None, None, None)
+    assert state.loading == "switch"
+    switch.__exit__(None, None, None)
+    assert state.loading is None

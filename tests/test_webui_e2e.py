@@ -203,7 +203,7 @@ def launch(name: str, ckpt: Path, *flags: str, probe: str | None = None, extensi
         if process.poll() is not None:
             pytest.fail(f"the WebUI exited: see {log}")
         try:
-            if server.get("/bksdm/v1/model").get("loaded"):
+            if server.get("/bksdm/v1/model")["state"] == "loaded":  # the start-up load is over
                 return server
         except (urllib.error.URLError, ConnectionError, AssertionError):
             pass

@@ -50,15 +50,24 @@ class _State:
     def __init__(self):
         self.local = threading.local()
         self.last_refusal: dict | None = None
-        self.loading: str | None = None  # the title of the checkpoint being loaded, while it loads
+        # loads in progress -> checkpoint title: they nest (reload_model_weights calls load_model) and overlap
+        # (a switch asked for while the start-up load finishes, in another thread)
+        self._loads: dict[object, str] = {}
 
     @contextmanager
     def loading_of(self, checkpoint_info):
-        outer, self.loading = self.loading, getattr(checkpoint_info, "title", None) or str(checkpoint_info)
+        token = object()
+        self._loads[token] = getattr(checkpoint_info, "title", None) or str(checkpoint_info)
         try:
             yield
         finally:
-            self.loading = outer  # reload_model_weights calls load_model: the outer load is not over yet
+            del self._loads[token]
+
+    @property
+    def loading(self) -> str | None:
+        """The title of the checkpoint being loaded (the latest asked for), None when no load runs."""
+        titles = list(self._loads.values())
+        return titles[-1] if titles else None
 
 
 state = _State()
