@@ -178,7 +178,9 @@ def request_parts(request: Any) -> tuple[str, dict[str, str]]:
     a direct call holds the HTTP request itself.
     """
     if isinstance(request, Mapping) and "type" in request:  # an ASGI scope
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.get("headers", [])}
+        headers: dict[str, str] = {}
+        for k, v in request.get("headers", []):  # the first of a repeated header, as starlette reads it
+            headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
         return request.get("scheme", "http"), headers
     inner = getattr(request, "request", None)
     if inner is not None:  # gradio's Request around a starlette one
