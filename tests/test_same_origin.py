@@ -18,7 +18,7 @@ import gradio as gr
 import httpx
 import pytest
 from fastapi import FastAPI
-from jobs_helpers import make_runner, serve, wait_for
+from jobs_helpers import free_port, make_runner, press, serve, wait_for
 
 from bksdm_ext.jobs.api import jobs_router
 from bksdm_ext.jobs.guard import AccessGuard
@@ -99,21 +99,6 @@ def job_folders(runner) -> list[Path]:
 def fn_index(blocks, elem_id: str) -> int:
     ids = {id for id, block in blocks.blocks.items() if getattr(block, "elem_id", None) == elem_id}
     return next(i for i, dep in enumerate(blocks.dependencies) if set(dep["targets"]) & ids)
-
-
-def press(url: str, index: int, data: list, origin: str | None = None) -> list:
-    """Press a button the way gradio's page does: over the queue's WebSocket; its outputs."""
-    from websockets.sync.client import connect
-
-    with connect(url.replace("http", "ws", 1) + "/queue/join", origin=origin, open_timeout=10) as ws:
-        while True:
-            message = json.loads(ws.recv(timeout=30))
-            if message["msg"] == "send_hash":
-                ws.send(json.dumps({"session_hash": "test", "fn_index": index}))
-            elif message["msg"] == "send_data":
-                ws.send(json.dumps({"data": data, "event_data": None, "fn_index": index, "session_hash": "test"}))
-            elif message["msg"] == "process_completed":
-                return message["output"]["data"]
 
 
 def handshake_status(url: str, host: str) -> int:
@@ -310,7 +295,7 @@ def webui_app(tmp_path):
         with gr.Tab("BK-SDM"):
             tab.render()
     demo.queue(64)
-    port = __import__("jobs_helpers").free_port()
+    port = free_port()
     app, _, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ != "CORSMiddleware"]
@@ -370,9 +355,9 @@ def test_webui_app_refuses_forged_event_calls_from_foreign_pages(webui_app):
     # a foreign page's queue WebSocket pressing Launch, or Delete: closed, nothing done
     for index, data in ((launch, launch_data(demo)), (delete, [job.id])):
         with pytest.raises(ConnectionClosed):
-            press_via(url, index, index, data, origin=EVIL)
+            press(url, index, data, origin=EVIL)
     # joining as the WebUI's own event, then naming Delete in the data: the event joined is what runs
-    assert press_via(url, own_event, delete, [job.id], origin=EVIL) == [job.id.upper()]
+    assert press(url, delete, [job.id], origin=EVIL, join=own_event) == [job.id.upper()]
     assert [j.id for j in runner.list()] == [job.id] and folder.is_dir()
 
     # the page itself, over the queue (whose own call of /api/predict passes): Launch, then Delete
@@ -381,17 +366,3 @@ def test_webui_app_refuses_forged_event_calls_from_foreign_pages(webui_app):
     assert f"Deleted {job.id}" in press(url, delete, [job.id], origin=url)[0] and not folder.exists()
     wait_for(runner, runner.list()[0].id, "done")
 
-
-def press_via(url: str, first: int, index: int, data: list, origin: str | None = None) -> list:
-    """As `press`, but the queue is joined naming `first` and the data then names `index`."""
-    from websockets.sync.client import connect
-
-    with connect(url.replace("http", "ws", 1) + "/queue/join", origin=origin, open_timeout=10) as ws:
-        while True:
-            message = json.loads(ws.recv(timeout=30))
-            if message["msg"] == "send_hash":
-                ws.send(json.dumps({"session_hash": "test", "fn_index": first}))
-            elif message["msg"] == "send_data":
-                ws.send(json.dumps({"data": data, "event_data": None, "fn_index": index, "session_hash": "test"}))
-            elif message["msg"] == "process_completed":
-                return message["output"]["data"]

@@ -375,10 +375,9 @@ def test_foreign_pages_cannot_press_the_tabs_buttons_through_gradio(webui, tmp_p
     """gradio 3.41 builds a handler's gr.Request from a /api/predict body's `request`: the real Host and
     Origin are checked in front of it. Every attack is answered 403 (or its WebSocket closed) and makes no
     job; the same Launch from the WebUI's own address makes one."""
-    from jobs_helpers import tiny_distill_values, write_tiny_dataset
+    from jobs_helpers import press, tiny_distill_values, write_tiny_dataset
     from tiny import write_tiny_pipeline
     from websockets.exceptions import ConnectionClosed
-    from websockets.sync.client import connect
 
     config = webui.get("/config")
     ids = {c["id"]: c.get("props", {}) for c in config["components"]}
@@ -410,13 +409,7 @@ def test_foreign_pages_cannot_press_the_tabs_buttons_through_gradio(webui, tmp_p
                      {"Host": f"attacker.example:{port}", "Content-Type": "application/json"})
     assert status == 403
     with pytest.raises(ConnectionClosed):  # the queue's WebSocket from a foreign page, pressing Launch
-        with connect(f"ws://{own}/queue/join", origin="http://evil.example", open_timeout=30) as ws:
-            while True:
-                message = json.loads(ws.recv(timeout=60))
-                if message["msg"] == "send_hash":
-                    ws.send(json.dumps({"session_hash": "evil", "fn_index": launch}))
-                elif message["msg"] == "send_data":
-                    ws.send(json.dumps({"data": data, "event_data": None, "fn_index": launch, "session_hash": "evil"}))
+        press(webui.base, launch, data, origin="http://evil.example")
     assert webui.get("/bksdm/v1/jobs") == []
     # the WebUI's page itself, under another name (a reverse proxy), is served as before
     assert urllib.request.urlopen(urllib.request.Request(webui.base + "/", headers={"Host": f"proxy.example:{port}"}),
