@@ -56,6 +56,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def press(url: str, index: int, data: list, origin: str | None = None, join: int | None = None) -> list:
+    """Press a button the way gradio 3.41's page does: over the queue's WebSocket; its outputs.
+    `join`: the event named when joining the queue, when not `index` (the one the data names)."""
+    import json
+
+    from websockets.sync.client import connect
+
+    with connect(url.replace("http", "ws", 1) + "/queue/join", origin=origin, open_timeout=30) as ws:
+        while True:
+            message = json.loads(ws.recv(timeout=60))
+            if message["msg"] == "send_hash":
+                ws.send(json.dumps({"session_hash": "test", "fn_index": index if join is None else join}))
+            elif message["msg"] == "send_data":
+                ws.send(json.dumps({"data": data, "event_data": None, "fn_index": index, "session_hash": "test"}))
+            elif message["msg"] == "process_completed":
+                return message["output"]["data"]
+
+
 @contextmanager
 def serve(app):
     """Serve an ASGI app with uvicorn on a loopback port in a thread; yields its base URL.

@@ -17,7 +17,7 @@ import torch
 from bksdm_ext.io import folder_bytes
 from bksdm_ext.job import JobFolder, PARTIAL_PREFIX, run_job
 from bksdm_ext.train import checkpoints
-from bksdm_ext.train.config import DistillConfig
+from bksdm_ext.train.config import MAX_STEPS, DistillConfig
 from train_helpers import one_thread, one_thread_env, progress, run_module, small_settings, write_images  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,9 +42,9 @@ def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_its_first_step(tmp
     data = write_images(tmp_path / "data", 2)
     job = tmp_path / "job"
     job.mkdir()
-    # a checkpoint every step, all kept, for a billion steps: petabytes
+    # a checkpoint every step, all kept, for the most steps a job may have (10**7): hundreds of terabytes
     DistillConfig(teacher=str(tiny_pipeline_v1), data=str(data),
-                  **small_settings(max_steps=10**9, checkpoint_every=1, checkpoints_keep=0)).save(job / "config.toml")
+                  **small_settings(max_steps=MAX_STEPS, checkpoint_every=1, checkpoints_keep=0)).save(job / "config.toml")
     assert run_job("distill", job) == 1
     state = progress(job)
     assert state["state"] == "failed" and state["message"].startswith("Not enough disk space")

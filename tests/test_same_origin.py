@@ -18,7 +18,7 @@ import gradio as gr
 import httpx
 import pytest
 from fastapi import FastAPI
-from jobs_helpers import make_runner, serve, wait_for, queued_request
+from jobs_helpers import free_port, make_runner, press, queued_request, serve, wait_for
 
 from bksdm_ext.jobs.api import jobs_router
 from bksdm_ext.jobs.guard import AccessGuard
@@ -99,21 +99,6 @@ def job_folders(runner) -> list[Path]:
 def fn_index(blocks, elem_id: str) -> int:
     ids = {id for id, block in blocks.blocks.items() if getattr(block, "elem_id", None) == elem_id}
     return next(i for i, dep in enumerate(blocks.dependencies) if set(dep["targets"]) & ids)
-
-
-def press(url: str, index: int, data: list, origin: str | None = None) -> list:
-    """Press a button the way gradio's page does: over the queue's WebSocket; its outputs."""
-    from websockets.sync.client import connect
-
-    with connect(url.replace("http", "ws", 1) + "/queue/join", origin=origin, open_timeout=10) as ws:
-        while True:
-            message = json.loads(ws.recv(timeout=30))
-            if message["msg"] == "send_hash":
-                ws.send(json.dumps({"session_hash": "test", "fn_index": index}))
-            elif message["msg"] == "send_data":
-                ws.send(json.dumps({"data": data, "event_data": None, "fn_index": index, "session_hash": "test"}))
-            elif message["msg"] == "process_completed":
-                return message["output"]["data"]
 
 
 def handshake_status(url: str, host: str) -> int:
@@ -268,3 +253,109 @@ def test_routes_need_a_login_when_the_webui_has_them(tmp_path):
             wait_for(runner, created.json()["id"], "done")
     finally:
         runner.close()
+
+
+# --- the WebUI's app: gradio's own endpoints, in front of the handlers --------------------------
+
+def forged(index: int, data: list, host: str) -> dict:
+    """A /api/predict body carrying the `request` gradio's queue would add: made-up headers of our own page."""
+    return {"fn_index": index, "data": data, "session_hash": "evil",
+            "request": {"url": f"http://{host}/", "headers": {"host": host, "origin": f"http://{host}"},
+                        "query_params": {}, "path_params": {}, "client": {"host": "127.0.0.1", "port": 1}}}
+
+
+@pytest.fixture
+def webui_app(tmp_path):
+    """An app shaped like the WebUI 1.10.1's (webui.py): our tab rendered in a gr.Tab of a queued page
+    next to an event of the WebUI's own, launched by gradio; then the WebUI's CORS removal and
+    setup_middleware; then what our on_app_started adds; then another extension's rebuild.
+    Yields (url, runner, demo, own event's fn_index)."""
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.middleware.gzip import GZipMiddleware
+
+    from bksdm_ext.jobs.origin import OurEvents, install_same_origin
+
+    cmd_opts = SimpleNamespace(listen=False, share=False, server_name=None, cors_allow_origins=None,
+                               cors_allow_origins_regex=None)
+    guard = AccessGuard.from_cmd_opts(cmd_opts, environ={})
+    origin = OriginPolicy.from_cmd_opts(cmd_opts, guard.bound_host)
+    runner = make_runner(tmp_path / "data")
+    tab = build_tab(TabContext(runner, guard, origin=origin))  # on_ui_tabs
+    with gr.Blocks(analytics_enabled=False) as demo:  # ui.create_ui
+        with gr.Tab("txt2img"):
+            prompt, echo = gr.Textbox(elem_id="webui_prompt"), gr.Textbox()
+            gr.Button(elem_id="webui_generate").click(lambda text: text.upper(), [prompt], [echo])
+        with gr.Tab("BK-SDM"):
+            tab.render()
+    demo.queue(64)
+    port = free_port()
+    app, _, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ != "CORSMiddleware"]
+        app.middleware_stack = None  # initialize_util.setup_middleware
+        app.add_middleware(GZipMiddleware, minimum_size=1000)
+        app.add_middleware(CORSMiddleware, allow_methods=["*"], allow_headers=["*"], allow_credentials=True)
+        app.build_middleware_stack()
+        install_same_origin(app, origin, OurEvents(demo, tab))  # extension.on_app_started
+        app.include_router(jobs_router(runner, guard, origin))
+        install_same_origin(app, origin, OurEvents(demo, tab))  # a second call adds nothing
+        app.middleware_stack = None  # another extension's on_app_started adds its own middleware
+        app.add_middleware(GZipMiddleware)
+        assert [m.cls.__name__ for m in app.user_middleware].count("SameOriginMiddleware") == 1
+        yield f"http://127.0.0.1:{port}", runner, demo, fn_index(demo, "webui_generate")
+    finally:
+        demo.server.should_exit = True  # demo.close() would wait for ever on a WebSocket left open
+        demo.server.thread.join(10)
+        assert not demo.server.thread.is_alive(), "a request of the test is still running"
+        runner.close()
+
+
+def test_webui_app_refuses_forged_event_calls_from_foreign_pages(webui_app):
+    from websockets.exceptions import ConnectionClosed
+
+    url, runner, demo, own_event = webui_app
+    host = urlsplit(url).netloc
+    launch, delete = fn_index(demo, "bksdm_launch_count"), fn_index(demo, "bksdm_delete_confirm")
+    rebound = {"Host": f"attacker.example:{urlsplit(url).port}"}
+    evil_plain = {"Origin": EVIL, "Content-Type": "text/plain"}
+    with httpx.Client(base_url=url, timeout=60) as api:
+        attacks = [  # (path, body, headers): gradio would make a gr.Request of our own page from each body
+            ("/api/predict", forged(launch, launch_data(demo), host), rebound),  # DNS rebinding
+            ("/run/predict", forged(launch, launch_data(demo), host), {"Origin": EVIL}),  # cross-origin JSON
+            ("/api/predict/", {**forged(launch, launch_data(demo), host), "fn_index": str(launch)}, rebound),
+            ("/run/predict", forged(launch - len(demo.dependencies), launch_data(demo), host), evil_plain),
+        ]
+        for path, body, headers in attacks:
+            answer = api.post(path, content=json.dumps(body), headers={"Content-Type": "application/json", **headers})
+            assert answer.status_code == 403, (path, answer.text)
+            assert "Refused" in answer.json()["detail"]
+        assert api.post("/bksdm/v1/jobs", json=JOB, headers=rebound).status_code == 403
+        assert runner.list() == [] and job_folders(runner) == []
+
+        # the WebUI's own events stay as they were for a page under another name (a reverse proxy)
+        upper = api.post("/api/predict", json={"fn_index": own_event, "data": ["hi"]}, headers=rebound)
+        assert upper.status_code == 200 and upper.json()["data"] == ["HI"]
+        # an API client of our own (no Origin, Host 127.0.0.1:PORT) presses Launch directly
+        direct = api.post("/api/predict", json={"fn_index": launch, "data": launch_data(demo)})
+        assert direct.status_code == 200 and "follow it in the Jobs tab" in direct.json()["data"][0]
+        job = runner.list()[0]
+        wait_for(runner, job.id, "done")
+        folder = Path(job.folder)
+        answer = api.post("/api/predict", json=forged(delete, [job.id], host), headers=rebound)
+        assert answer.status_code == 403
+        assert [j.id for j in runner.list()] == [job.id] and folder.is_dir()
+
+    # a foreign page's queue WebSocket pressing Launch, or Delete: closed, nothing done
+    for index, data in ((launch, launch_data(demo)), (delete, [job.id])):
+        with pytest.raises(ConnectionClosed):
+            press(url, index, data, origin=EVIL)
+    # joining as the WebUI's own event, then naming Delete in the data: the event joined is what runs
+    assert press(url, delete, [job.id], origin=EVIL, join=own_event) == [job.id.upper()]
+    assert [j.id for j in runner.list()] == [job.id] and folder.is_dir()
+
+    # the page itself, over the queue (whose own call of /api/predict passes): Launch, then Delete
+    launched = press(url, launch, launch_data(demo, steps=3), origin=url)
+    assert "follow it in the Jobs tab" in launched[0] and len(runner.list()) == 2
+    assert f"Deleted {job.id}" in press(url, delete, [job.id], origin=url)[0] and not folder.exists()
+    wait_for(runner, runner.list()[0].id, "done")
+

@@ -453,6 +453,72 @@ def test_after_two_jobs_the_list_holds_checkpoints_only_and_the_users_selection_
     assert "Model: base-v1," in infotext and "BK-SDM: base (v1)" in infotext
 
 
+def _raw(webui: WebUI, path: str, body: bytes, headers: dict) -> tuple[int, str]:
+    """A POST with exactly these headers (Host too), as a rebinding or foreign page would send it."""
+    request = urllib.request.Request(webui.base + path, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+
+
+def test_foreign_pages_cannot_press_the_tabs_buttons_through_gradio(webui, tmp_path):
+    """gradio 3.41 builds a handler's gr.Request from a /api/predict body's `request`: the real Host and
+    Origin are checked in front of it. Every attack is answered 403 (or its WebSocket closed) and makes no
+    job; the same Launch from the WebUI's own address makes one."""
+    from jobs_helpers import press, tiny_distill_values, write_tiny_dataset
+    from tiny import write_tiny_pipeline
+    from websockets.exceptions import ConnectionClosed
+
+    config = webui.get("/config")
+    ids = {c["id"]: c.get("props", {}) for c in config["components"]}
+    button = next(i for i, props in ids.items() if props.get("elem_id") == "bksdm_launch_distill")
+    launch = next(i for i, dep in enumerate(config["dependencies"]) if button in dep["targets"])
+    values = tiny_distill_values(write_tiny_pipeline(tmp_path / "teacher"), write_tiny_dataset(tmp_path / "data"),
+                                 steps=100_000)
+    values["output_dir"] = str(tmp_path / "out")
+    data = []
+    for i in config["dependencies"][launch]["inputs"]:
+        name = ids[i]["elem_id"].removeprefix("bksdm_distill_")
+        value = values.get(name, ids[i].get("value"))
+        data.append("\n".join(value) if isinstance(value, list) else value)
+    port = webui.base.rsplit(":", 1)[1]
+    own = f"127.0.0.1:{port}"
+    forged = json.dumps({"fn_index": launch, "data": data, "session_hash": "evil",
+                         "request": {"url": f"http://{own}/", "headers": {"host": own, "origin": f"http://{own}"},
+                                     "query_params": {}, "path_params": {},
+                                     "client": {"host": "127.0.0.1", "port": 1}}}).encode()
+    attacks = [  # (path, headers): the body is the forged one each time
+        ("/api/predict", {"Host": f"attacker.example:{port}", "Content-Type": "application/json"}),  # rebinding
+        ("/run/predict", {"Origin": "http://evil.example", "Content-Type": "application/json"}),  # cross-origin
+        ("/run/predict", {"Origin": "http://evil.example", "Content-Type": "text/plain"}),  # no-cors
+    ]
+    for path, headers in attacks:
+        status, text = _raw(webui, path, forged, headers)
+        assert status == 403 and "Refused" in text, (path, headers, status, text[:300])
+    status, _ = _raw(webui, "/bksdm/v1/jobs", json.dumps({"kind": "distill", "config": values}).encode(),
+                     {"Host": f"attacker.example:{port}", "Content-Type": "application/json"})
+    assert status == 403
+    with pytest.raises(ConnectionClosed):  # the queue's WebSocket from a foreign page, pressing Launch
+        press(webui.base, launch, data, origin="http://evil.example")
+    assert webui.get("/bksdm/v1/jobs") == []
+    # the WebUI's page itself, under another name (a reverse proxy), is served as before
+    assert urllib.request.urlopen(urllib.request.Request(webui.base + "/", headers={"Host": f"proxy.example:{port}"}),
+                                  timeout=60).status == 200
+
+    # our own API client: no Origin, Host 127.0.0.1:PORT, the same Launch without the forged request
+    status, text = _raw(webui, "/api/predict", json.dumps({"fn_index": launch, "data": data}).encode(),
+                        {"Content-Type": "application/json"})
+    assert status == 200 and "follow it in the Jobs tab" in text, text[:500]
+    [job] = webui.get("/bksdm/v1/jobs")
+    webui.post(f"/bksdm/v1/jobs/{job['id']}/cancel")
+    deadline = time.time() + 120
+    while webui.get(f"/bksdm/v1/jobs/{job['id']}")["state"] not in ("cancelled", "done", "failed"):
+        assert time.time() < deadline
+        time.sleep(1)
+
+
 def test_diffusers_named_lora_lands_on_the_bk_block(webui):
     webui.switch("small-v1")
     shown = {name: pixels(webui.txt2img(prompt=f"a photo of a cat <lora:{name}:1>")["images"][0])

@@ -12,7 +12,9 @@ Clients that are not browsers (curl, scripts) send no Origin and name the server
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import json
 import re
 import socket
 from dataclasses import dataclass, field
@@ -176,7 +178,9 @@ def request_parts(request: Any) -> tuple[str, dict[str, str]]:
     a direct call holds the HTTP request itself.
     """
     if isinstance(request, Mapping) and "type" in request:  # an ASGI scope
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.get("headers", [])}
+        headers: dict[str, str] = {}
+        for k, v in request.get("headers", []):  # the first of a repeated header, as starlette reads it
+            headers.setdefault(k.decode("latin-1").lower(), v.decode("latin-1"))
         return request.get("scheme", "http"), headers
     inner = getattr(request, "request", None)
     if inner is not None:  # gradio's Request around a starlette one
@@ -188,29 +192,159 @@ def request_parts(request: Any) -> tuple[str, dict[str, str]]:
     return urlsplit(str(kwargs.get("url", ""))).scheme or "http", {str(k).lower(): str(v) for k, v in dict(headers).items()}
 
 
-class SameOriginMiddleware:
-    """ASGI middleware refusing (403) every HTTP request and WebSocket that is not the server's own.
+GRADIO_PREDICT = re.compile(r"(?:^|/)(?:api|run)/([^/]+)/?$")  # gradio 3.41's POST /api|run/{api_name}
+QUEUE_JOIN = re.compile(r"(?:^|/)queue/join/?$")
 
-    `bksdm app` puts it in front of everything it serves (gradio's /run, /api, /upload, /queue/join,
-    /file= and our routes). Gradio's queue calls /api/predict on itself with its own Host and no
-    Origin, so that call passes. `file_allowed(path)` further limits gradio's /file= route.
+
+@dataclass
+class OurEvents:
+    """The part of a shared server that is ours: our routes (`paths`) and the gradio events of our tab.
+
+    In the WebUI the app serves its own pages too, and those keep their own rules (a reverse proxy
+    naming the WebUI by another Host still reaches them): the middleware refuses a foreign request
+    only when it reaches something of ours. A gradio event names its function by `fn_index` (or by
+    `api_name` in the path); what cannot be told apart from one of ours counts as ours.
     """
 
-    def __init__(self, app, policy: OriginPolicy, file_allowed=None):
-        self.app, self.policy, self.file_allowed = app, policy, file_allowed
+    blocks: Any = None  # the whole page (the WebUI's demo); None: no page (the WebUI's --nowebui)
+    tab: Any = None  # our tab's Blocks, rendered into `blocks`
+    paths: tuple[str, ...] = ("/bksdm/",)
+
+    @cached_property
+    def _ours(self) -> frozenset[int]:
+        if self.blocks is None or self.tab is None:
+            return frozenset()
+        ids = set(self.tab.blocks) | {self.tab._id}
+        fns = {id(fn) for fn in self.tab.fns}
+        return frozenset(i for i, (dep, fn) in enumerate(zip(self.blocks.dependencies, self.blocks.fns))
+                         if set(dep.get("targets") or ()) & ids or id(fn) in fns)
+
+    def path(self, path: str) -> bool:
+        return path.startswith(self.paths)
+
+    def event(self, fn_index: Any, api_name: str | None = None) -> bool:
+        """Whether an event call may reach one of our handlers (as gradio would resolve it)."""
+        if self.blocks is None:
+            return False
+        count = len(self.blocks.dependencies)
+        if fn_index is None and api_name not in (None, "predict"):
+            names = [i for i, dep in enumerate(self.blocks.dependencies) if dep.get("api_name") == api_name]
+            fn_index = names[0] if names else None
+        if type(fn_index) is not int or not -count <= fn_index < count:  # gradio would coerce "3" or 3.0
+            return True
+        return fn_index % count in self._ours
+
+
+class SameOriginMiddleware:
+    """ASGI middleware refusing (403) the HTTP requests and WebSockets that are not the server's own.
+
+    `bksdm app` puts it in front of everything it serves (gradio's /run, /api, /upload, /queue/join,
+    /file= and our routes). In the WebUI (`only` = our part of it, `install_same_origin`) it refuses
+    a foreign request to our routes, and a foreign call of one of our tab's events: a POST to
+    /api|run/predict (whose body gradio would turn into the handler's gr.Request, headers and all)
+    or a message on the queue's WebSocket naming one of them. Gradio's queue calls /api/predict on
+    itself with its own Host and no Origin, so that call passes. `file_allowed(path)` further limits
+    gradio's /file= route.
+    """
+
+    def __init__(self, app, policy: OriginPolicy, file_allowed=None, only: OurEvents | None = None):
+        self.app, self.policy, self.file_allowed, self.only = app, policy, file_allowed, only
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] in ("http", "websocket"):
-            reason = self.policy.refusal(*request_parts(scope))
-            path = scope.get("path", "")
-            if reason is None and self.file_allowed is not None and path.startswith(("/file=", "/file/")):
-                wanted = path[len("/file="):] if path.startswith("/file=") else path[len("/file/"):]
-                if not self.file_allowed(wanted):
-                    reason = "this server shows only the images of its jobs"
-            if reason:
-                await _refuse(scope, receive, send, reason)
-                return
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        reason = self.policy.refusal(*request_parts(scope))
+        path = scope.get("path", "")
+        if reason is None and self.file_allowed is not None and path.startswith(("/file=", "/file/")):
+            wanted = path[len("/file="):] if path.startswith("/file=") else path[len("/file/"):]
+            if not self.file_allowed(wanted):
+                reason = "this server shows only the images of its jobs"
+        if reason and self.only is not None and not self.only.path(path):
+            if scope["type"] == "websocket":
+                if QUEUE_JOIN.search(path):
+                    receive = self._queue_messages(receive, send, reason)
+                reason = None
+            elif scope.get("method") == "POST" and (predict := GRADIO_PREDICT.search(path)):
+                body = await _read_body(receive)
+                receive = _replay(body)
+                data = _json(body)
+                fn_index = data.get("fn_index") if isinstance(data, dict) else _MISSING
+                if not self.only.event(fn_index, predict.group(1)):
+                    reason = None
+            else:
+                reason = None
+        if reason:
+            await _refuse(scope, receive, send, reason)
+            return
         await self.app(scope, receive, send)
+
+    def _queue_messages(self, receive, send, reason: str):
+        """A foreign page's queue WebSocket. Its first message names the event it joins: one of ours
+        closes it (1008; gradio's join_queue then ends on its own 5 s timeout). The event's data, sent
+        later, names the event that actually runs: it is held to the one joined."""
+        joined = _MISSING
+
+        async def checked():
+            nonlocal joined
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                return message
+            data = _json(message.get("text") or message.get("bytes") or b"")
+            if joined is _MISSING:
+                joined = data.get("fn_index") if isinstance(data, dict) else _MISSING
+                if self.only.event(joined):
+                    await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+                    await asyncio.Event().wait()
+            elif isinstance(data, dict) and data.get("fn_index", _MISSING) != joined:
+                return {"type": "websocket.receive", "text": json.dumps({**data, "fn_index": joined})}
+            return message
+        return checked
+
+
+_MISSING = object()
+
+
+def _json(body: bytes | str) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return _MISSING
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+    return receive
+
+
+def install_same_origin(app, policy: OriginPolicy, only: OurEvents | None = None, file_allowed=None) -> None:
+    """Put SameOriginMiddleware in front of an app, also one that is already serving: the way the WebUI
+    adds its own middleware after launch (modules/initialize_util.setup_middleware), reset the stack
+    and add; starlette rebuilds it at the next request. It goes into `app.user_middleware`, outermost,
+    so a later rebuild (the WebUI's own, another extension's) keeps it. Once per app."""
+    if any(m.cls is SameOriginMiddleware for m in app.user_middleware):
+        return
+    app.middleware_stack = None
+    app.add_middleware(SameOriginMiddleware, policy=policy, file_allowed=file_allowed, only=only)
 
 
 async def _refuse(scope, receive, send, reason: str) -> None:

@@ -21,6 +21,7 @@ from ..job_config import JobConfig, setting
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 FEATURE_KD = ("sum", "normalised")
+MAX_STEPS = 10**7  # the most optimiser updates one job may ask for (a month of 0.3 s steps)
 DEFAULT_PROMPTS = (
     "a photo of an astronaut riding a horse on mars",
     "a golden retriever sitting in a field of flowers, highly detailed",
@@ -39,8 +40,8 @@ class TrainConfig(JobConfig):
                                     min=1, max=4096)
     gradient_accumulation_steps: int = setting(4, "Steps whose gradients are summed before one optimiser update.",
                                                label="Gradient accumulation", group="Recipe", min=1, max=4096)
-    max_steps: int = setting(50_000, "Optimiser updates to train for.", label="Steps (optimiser updates)", group="Recipe", min=1,
-                             max=10**9)
+    max_steps: int = setting(50_000, "Optimiser updates to train for.", label="Steps (optimiser updates)", group="Recipe",
+                             min=1, max=MAX_STEPS)
     learning_rate: float = setting(5e-5, "AdamW learning rate (constant, no warm-up).", label="Learning rate",
                                    group="Recipe", min=0.0, max=1.0)
     adam_beta1: float = setting(0.9, "AdamW beta1.", label="Adam beta1", group="Recipe", advanced=True, min=0.0,
@@ -235,7 +236,8 @@ class DreamBoothConfig(TrainConfig):
                                        "join).", label="Batch size", group="Recipe", min=1, max=4096)
     gradient_accumulation_steps: int = setting(1, "Steps whose gradients are summed before one optimiser update.",
                                                label="Gradient accumulation", group="Recipe", advanced=True, min=1, max=4096)
-    max_steps: int = setting(800, "Optimiser updates to train for.", label="Steps (optimiser updates)", group="Recipe", min=1, max=10**9)
+    max_steps: int = setting(800, "Optimiser updates to train for.", label="Steps (optimiser updates)", group="Recipe",
+                             min=1, max=MAX_STEPS)
     learning_rate: float | None = setting(None, "Learning rate (empty = 1e-6 for full, 1e-4 for LoRA).",
                                           label="Learning rate", group="Recipe", min=0.0, max=1.0)
     center_crop: bool = setting(False, "Crop the center of each image (else a random crop).", label="Center crop",

@@ -12,7 +12,7 @@ from starlette.routing import Mount
 
 from ..jobs.api import jobs_router
 from ..jobs.guard import AccessGuard
-from ..jobs.origin import OriginPolicy, SameOriginMiddleware
+from ..jobs.origin import OriginPolicy, install_same_origin
 from ..jobs.runner import Runner
 from .tab import JAVASCRIPT, TabContext, build_tab
 
@@ -99,5 +99,5 @@ def create_app(runner: Runner, guard: AccessGuard, origin: OriginPolicy | None =
     for route in app.routes:  # gradio answers every origin with `access-control-allow-origin: *`
         if isinstance(route, Mount):
             route.app.user_middleware = [m for m in route.app.user_middleware if m.cls is not CORSMiddleware]
-    app.add_middleware(SameOriginMiddleware, policy=origin, file_allowed=shown_images(page))
+    install_same_origin(app, origin, file_allowed=shown_images(page))
     return app

@@ -19,6 +19,7 @@ class _Extension:
     runner = None
     guard = None
     origin = None
+    tab = None  # our tab's Blocks, as on_ui_tabs last built it
     lent = False  # the hand-off unloaded the model and a generation brought it back
     lora = None  # the LoraPatch of the built-in Lora extension, once installed
     placed: frozenset = frozenset()  # block-positional extensions our patches place: "controlnet", "hypertile"
@@ -183,10 +184,14 @@ def patch_positional() -> None:
 
 def on_app_started(demo, app) -> None:
     from ..jobs.api import jobs_router
+    from ..jobs.origin import OurEvents, install_same_origin
     from .models import routes
 
     patch_positional()
 
+    # gradio builds a handler's gr.Request from the body of a POST to /api|run/predict, so the real
+    # Host and Origin are checked in front of the app (after the WebUI's own setup_middleware)
+    install_same_origin(app, _origin(), OurEvents(demo, ext.tab if demo is not None else None))
     logins = _logins(app)
     routes(app, _guard(), _origin(), logins)
     app.include_router(jobs_router(runner(), _guard(), _origin(), logins))
@@ -209,7 +214,8 @@ def on_ui_tabs():
                          checkpoints=checkpoint_files, use_checkpoint=checkpoint_title, models_rows=models_view_rows,
                          form_defaults={name: outputs for name, kind in kinds.all().items()
                                         if "output_dir" in {s.name for s in kind.config_class().settings()}})
-    return [(build_tab(context), "BK-SDM", "bksdm")]
+    ext.tab = build_tab(context)
+    return [(ext.tab, "BK-SDM", "bksdm")]
 
 
 def on_script_unloaded() -> None:
