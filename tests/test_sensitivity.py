@@ -9,6 +9,7 @@ import yaml
 
 from bksdm_ext import io, layouts
 from bksdm_ext.convert import checkpoint
+from bksdm_ext.evaluate import metrics
 from bksdm_ext.prune import prune
 from bksdm_ext.sensitivity import analysis, blocks
 from bksdm_ext.sensitivity.job import SensitivityConfig, run
@@ -120,15 +121,15 @@ def test_identity_block_ranks_harmless_destructive_ranks_worst_and_the_proposal_
 def test_cancel_and_resume_score_only_what_is_missing(tmp_path, rigged, monkeypatch):
     job = tmp_path / "job"
     calls = []
-    real = analysis.pixel_mse
+    real = metrics.teacher_distance
 
-    def scoring(image, reference):
+    def scoring(teacher_images, student_images, *args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
             (job / "cancel").write_text("")
-        return real(image, reference)
+        return real(teacher_images, student_images, *args, **kwargs)
 
-    monkeypatch.setattr(analysis, "pixel_mse", scoring)
+    monkeypatch.setattr(metrics, "teacher_distance", scoring)
     config = _config(rigged, prompts=["a red bus"])
     assert run(config, job) == "cancelled"
     progress = json.loads((job / "progress.json").read_text())

@@ -19,6 +19,8 @@ class PruneConfig(JobConfig):
     """Remove blocks from an SD-1.x/2.x model without retraining (BK-SDM App. B), weights copied."""
 
     kind = "prune"
+    # The tab's one-click action: this setting takes the checkpoint selected in the WebUI's dropdown.
+    current_checkpoint_setting = "source"
 
     source: str = setting("", "An SD-1.x/2.x checkpoint (.safetensors/.ckpt) or diffusers folder.",
                           label="Model to prune", group="Model", kind="model")

@@ -1,7 +1,7 @@
 """From per-image scores to the damage table, its bar chart (BK-SDM Fig. 19) and a proposed layout.
 
-Damage of a unit: the mean teacher distance (pixel MSE of the images in [0, 1]) between the teacher
-without the unit and the full teacher, at the same prompts and seeds. The proposal removes, greedily,
+Damage of a unit: the mean teacher distance (bksdm_ext.evaluate.metrics.teacher_distance: pixel MSE of
+the 256 px images in [0, 1]) between the teacher without the unit and the full teacher, at the same prompts and seeds. The proposal removes, greedily,
 what hurts least among the removals a loader can build (layouts of SD's blocks, no stand-ins): the mid
 block, the innermost stage, or a down pair of a stage together with one of its up blocks (a layout's
 up stage has one block more than its down stage), scored as the sum of the two blocks' damages.
@@ -19,14 +19,6 @@ import torch
 
 from .. import detect, layouts
 from ..errors import BKSDMError
-
-
-def pixel_mse(image: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean squared error of two uint8 images (C, H, W) in [0, 1] units.
-
-    The evaluation issue's teacher distance, written here until bksdm_ext.evaluate lands on main.
-    """
-    return ((image.float() - reference.float()) / 255).pow(2).mean().item()
 
 
 @dataclass(frozen=True)

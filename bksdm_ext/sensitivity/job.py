@@ -83,8 +83,13 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    Image.fromarray(_hwc(image)).save(tmp, format="PNG")
     tmp.replace(path)
+
+
+def _hwc(image: torch.Tensor):
+    """A (C, H, W) uint8 image as the (H, W, C) array the teacher distance reads."""
+    return image.permute(1, 2, 0).numpy()
 
 
 def _load_png(path: Path) -> torch.Tensor:
@@ -95,6 +100,7 @@ def _load_png(path: Path) -> torch.Tensor:
 
 
 def run(config: SensitivityConfig, job_dir: Path, resume: str | None = None) -> str:
+    from ..evaluate import metrics
     from ..timings import bench
     from ..timings.protocol import Protocol
     from ..timings.recorder import GenerationRecorder
@@ -166,7 +172,8 @@ def run(config: SensitivityConfig, job_dir: Path, resume: str | None = None) -> 
             for case in pending:
                 if cancelled():
                     return "cancelled"
-                unit_scores[f"{case[0]}-{case[1]}"] = analysis.pixel_mse(image(unet, case), teacher_images[case])
+                distance = metrics.teacher_distance([_hwc(teacher_images[case])], [_hwc(image(unet, case))])
+                unit_scores[f"{case[0]}-{case[1]}"] = distance.pixel_mse
                 write_json(scores_file, scores)
                 advance(f"without {unit.name}: image {len(unit_scores)}/{len(cases)}")
 

@@ -82,6 +82,9 @@ class TabContext:
     # "Use in txt2img": the WebUI title of a job's checkpoint file, which the page then selects; None where
     # there is no txt2img (`bksdm app`).
     use_checkpoint: Callable[[Path], str] | None = None
+    # The checkpoint file selected in the WebUI's dropdown (None when none is); None in `bksdm app`. A kind
+    # whose config names a `current_checkpoint_setting` gets a button that launches it on that file.
+    current_checkpoint: Callable[[], str | None] | None = None
     # The Models view's rows (webui.models_view.ModelRow.as_dict()), None to leave the view out.
     models_rows: Callable[[], list[dict]] | None = None
 
@@ -313,8 +316,13 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
     if preset_row is not None:
         with preset_row:
             _presets(context, kind, cls, fields, ordered)
+    current_setting = getattr(cls, "current_checkpoint_setting", None)
     with gr.Row():
         launch = gr.Button(f"Launch {kind.title.lower()} job", variant="primary", elem_id=f"bksdm_launch_{kind.name}")
+        on_current = None
+        if current_setting and context.current_checkpoint is not None:
+            on_current = gr.Button(f"{kind.title} the checkpoint selected in the WebUI",
+                                   elem_id=f"bksdm_{kind.name}_current")
     result = gr.HTML(elem_id=f"bksdm_launch_result_{kind.name}")
     job_id = gr.Textbox(visible=False, elem_id=f"bksdm_launched_{kind.name}")
 
@@ -337,23 +345,47 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
 
         check.click(check_click, inputs=ordered, outputs=[report, thumbs])
 
+    def launch_job(values: dict, made: list) -> str:
+        data = data_report(values)[0] + " " if data_name else ""
+        asked = time.time()
+        job = context.runner.submit(kind.name, values)
+        made[0] = job.id
+        if job.created < asked - 1:
+            return f"Job {job.id} was already launched with these settings ({job.state}); see the Jobs tab."
+        return f"{data}Job {job.id} is {job.state}; follow it in the Jobs tab."
+
     def submit(request: gr.Request, *raw):
         made = [""]
 
         def act():
             context.check(request, "Launching a job")
-            values = form_values(fields, list(raw), context.model_sources())
-            data = data_report(values)[0] + " " if data_name else ""
-            asked = time.time()
-            job = context.runner.submit(kind.name, values)
-            made[0] = job.id
-            if job.created < asked - 1:
-                return f"Job {job.id} was already launched with these settings ({job.state}); see the Jobs tab."
-            return f"{data}Job {job.id} is {job.state}; follow it in the Jobs tab."
+            return launch_job(form_values(fields, list(raw), context.model_sources()), made)
         message = _guarded(act)
         return message, made[0]
 
     launched = launch.click(submit, inputs=ordered, outputs=[result, job_id])
+    if on_current is not None:
+        source_box = components[current_setting]
+
+        def submit_current(request: gr.Request, *raw):
+            made, shown = [""], [gr.update()]
+
+            def act():
+                context.check(request, "Launching a job")
+                current = context.current_checkpoint()
+                if not current:
+                    raise BKSDMError("No checkpoint is selected in the WebUI: pick one in its checkpoint list "
+                                     "first, or choose the model in this form and launch.")
+                sources = context.model_sources()
+                values = form_values(fields, list(raw), sources)
+                values[current_setting] = str(current)
+                # the form then names what was launched: the list's title for that file
+                shown[0] = next((t for t, f in sources.items() if Path(f) == Path(current)), str(current))
+                return launch_job(values, made)
+            message = _guarded(act)
+            return message, made[0], shown[0]
+
+        on_current.click(submit_current, inputs=ordered, outputs=[result, job_id, source_box])
     return Form(launched, job_id)
 
 

@@ -93,6 +93,13 @@ def checkpoint_files(refresh: bool = False) -> dict[str, str]:
     return {info.title: info.filename for info in sd_models.checkpoints_list.values()}
 
 
+def current_checkpoint() -> str | None:
+    """The file of the checkpoint selected in the WebUI's dropdown (None when nothing listed is selected)."""
+    title = shared.opts.data.get("sd_model_checkpoint")
+    info = sd_models.get_closet_checkpoint_match(title) if title else None
+    return info.filename if info is not None else None
+
+
 def checkpoint_title(path: Path) -> str:
     """The list's title of checkpoint file `path` ("Use in txt2img" selects it); re-lists when it is new."""
     def find():
