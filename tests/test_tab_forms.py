@@ -329,8 +329,7 @@ def test_a_few_step_checkpoint_shows_and_applies_its_recommended_sampling(held, 
     assert describe_recommended(recommended_settings(single)) == "Few-step model: LCM sampler, 4 steps (2-8), CFG 1-2"
     context = TabContext(runner, AccessGuard(), use_checkpoint=lambda p: f"BK-SDM/{p.stem}", samplers=lambda: WEBUI_110)
     tab = build_tab(context)
-    follow = next(fn.fn for fn in tab.fns if getattr(fn.fn, "__name__", "") == "follow")
-    status = follow(job.id, {}, OWN)[3]
+    status = build_follow(context)(job.id, {}, OWN)[3]
     assert "Few-step model: LCM sampler, 4 steps (2-8), CFG 1-2." in status and "no LCM sampler" not in status
     assert "&lt;lora:" not in status
     message, plan = handler(tab, "bksdm_use")(job.id, OWN)
@@ -345,8 +344,7 @@ def test_on_webui_16_the_tab_says_the_lcm_sampler_is_missing_and_sets_no_sampler
     job, _ = few_step_job(runner, tmp_path, lora=False)
     context = TabContext(runner, AccessGuard(), use_checkpoint=lambda p: f"BK-SDM/{p.stem}", samplers=lambda: WEBUI_16)
     tab = build_tab(context)
-    follow = next(fn.fn for fn in tab.fns if getattr(fn.fn, "__name__", "") == "follow")
-    assert "This WebUI has no LCM sampler (it came with WebUI 1.8)" in follow(job.id, {}, OWN)[3]
+    assert "This WebUI has no LCM sampler (it came with WebUI 1.8)" in build_follow(context)(job.id, {}, OWN)[3]
     message, plan = handler(tab, "bksdm_use")(job.id, OWN)
     use = json.loads(plan)
     assert use["checkpoint"] == "BK-SDM/bk" and use["sampler"] is None and use["steps"] is None
