@@ -18,7 +18,8 @@ from bksdm_ext.ui import presets
 from bksdm_ext.ui.app import known_checkpoints
 from bksdm_ext.ui.data_check import check_data
 from bksdm_ext.ui.tab import (TabContext, buttons_for, build_tab, form_groups, job_checkpoint, list_folders,
-                              model_table, sample_gallery, use_in_txt2img, UP)
+                              model_table, recommended_settings, describe_recommended,
+                              sample_gallery, use_in_txt2img, UP)
 
 
 def raw_names() -> set[str]:
@@ -297,9 +298,99 @@ def test_use_in_txt2img_selects_only_a_done_job_checkpoint(held, tmp_path):
         use_in_txt2img(TabContext(runner, AccessGuard()), job.id)
     # the button: a message and the title the page hands to the WebUI's selectCheckpoint
     tab = build_tab(context)
-    message, title = handler(tab, "bksdm_use")(job.id, OWN)
-    assert title == "BK-SDM/bk" and "Selected BK-SDM/bk" in message
+    message, plan = handler(tab, "bksdm_use")(job.id, OWN)
+    assert json.loads(plan)["checkpoint"] == "BK-SDM/bk" and "Selected BK-SDM/bk" in message
+    assert json.loads(plan)["sampler"] is None  # no recommendation recorded: txt2img's sampling stays
     assert not by_id(build_tab(TabContext(runner, AccessGuard())), "bksdm_use").visible  # bksdm app: absent
+
+
+def few_step_job(runner, tmp_path, lora: bool):
+    """A finished job whose single file records the lcm kind's recommended sampling in its header."""
+    import torch
+
+    from bksdm_ext.io import write_safetensors
+    from bksdm_ext.train.lcm_distill import RECOMMENDED
+
+    job, single = finished_job(runner, tmp_path)
+    metadata = {"bksdm.recommended": json.dumps(RECOMMENDED), **({"ss_network_module": "networks.lora"} if lora else {})}
+    write_safetensors(single, {"w": torch.zeros(2)}, metadata)
+    runner.store.update(job.id, state="done", message="Done.")
+    return job, single
+
+
+WEBUI_110 = ["Euler a", "DPM++ 2M", "LCM", "DDIM"]  # the LCM sampler: WebUI 1.8+
+WEBUI_16 = ["Euler a", "DPM++ 2M", "DDIM"]
+
+
+def test_a_few_step_checkpoint_shows_and_applies_its_recommended_sampling(held, tmp_path):
+    runner = held
+    job, single = few_step_job(runner, tmp_path, lora=False)
+    assert recommended_settings(single)["sampler"] == "LCM"
+    assert describe_recommended(recommended_settings(single)) == "Few-step model: LCM sampler, 4 steps (2-8), CFG 1-2"
+    context = TabContext(runner, AccessGuard(), use_checkpoint=lambda p: f"BK-SDM/{p.stem}", samplers=lambda: WEBUI_110)
+    tab = build_tab(context)
+    status = build_follow(context)(job.id, {}, OWN)[3]
+    assert "Few-step model: LCM sampler, 4 steps (2-8), CFG 1-2." in status and "no LCM sampler" not in status
+    assert "&lt;lora:" not in status
+    message, plan = handler(tab, "bksdm_use")(job.id, OWN)
+    use = json.loads(plan)
+    assert use["checkpoint"] == "BK-SDM/bk" and use["lora"] is None
+    assert (use["sampler"], use["steps"], use["cfg_scale"]) == ("LCM", 4, 1.5)
+    assert "Set txt2img to the LCM sampler, 4 steps and CFG 1.5" in message
+
+
+def test_on_webui_16_the_tab_says_the_lcm_sampler_is_missing_and_sets_no_sampler(held, tmp_path):
+    runner = held
+    job, _ = few_step_job(runner, tmp_path, lora=False)
+    context = TabContext(runner, AccessGuard(), use_checkpoint=lambda p: f"BK-SDM/{p.stem}", samplers=lambda: WEBUI_16)
+    tab = build_tab(context)
+    assert "This WebUI has no LCM sampler (it came with WebUI 1.8)" in build_follow(context)(job.id, {}, OWN)[3]
+    message, plan = handler(tab, "bksdm_use")(job.id, OWN)
+    use = json.loads(plan)
+    assert use["checkpoint"] == "BK-SDM/bk" and use["sampler"] is None and use["steps"] is None
+    assert "no LCM sampler" in message
+    # bksdm app: no txt2img, no sampler list, nothing to say about it
+    status = build_follow(TabContext(runner, AccessGuard()))(job.id, {}, OWN)[3]
+    assert "Few-step model: LCM sampler" in status and "no LCM sampler" not in status
+
+
+def build_follow(context):
+    tab = build_tab(context)
+    return next(fn.fn for fn in tab.fns if getattr(fn.fn, "__name__", "") == "follow")
+
+
+def test_a_few_step_lora_shows_its_prompt_tag_instead_of_selecting_a_checkpoint(held, tmp_path):
+    runner = held
+    job, single = few_step_job(runner, tmp_path, lora=True)
+    picked = []
+    context = TabContext(runner, AccessGuard(), use_checkpoint=lambda p: picked.append(p) or "never",
+                         samplers=lambda: WEBUI_110)
+    assert "put &lt;lora:bk:1&gt; in the prompt" in build_follow(context)(job.id, {}, OWN)[3]
+    message, plan = handler(build_tab(context), "bksdm_use")(job.id, OWN)
+    use = json.loads(plan)
+    assert use["checkpoint"] is None and use["lora"] == "<lora:bk:1>" and picked == []
+    assert (use["sampler"], use["steps"]) == ("LCM", 4) and "put &lt;lora:bk:1&gt; in the prompt" in message
+
+
+def test_a_model_without_a_readable_recommendation_records_none(tmp_path):
+    from bksdm_ext.io import write_safetensors
+    import torch
+
+    path = tmp_path / "m.safetensors"
+    for metadata in ({}, {"bksdm.recommended": "not json"}, {"bksdm.recommended": json.dumps({"steps": 4})}):
+        write_safetensors(path, {"w": torch.zeros(1)}, metadata)
+        assert recommended_settings(path) is None
+    (tmp_path / "bad.safetensors").write_bytes(b"x")
+    assert recommended_settings(tmp_path / "bad.safetensors") is None
+
+
+def test_the_page_script_defines_what_the_use_button_calls():
+    from bksdm_ext.ui.tab import JAVASCRIPT
+
+    script = JAVASCRIPT.read_text()
+    assert "window.bksdmUseInTxt2img = function" in script
+    for elem_id in ("txt2img_sampling", "txt2img_steps", "txt2img_cfg_scale"):
+        assert f'"{elem_id}' in script or f'#{elem_id}' in script
 
 
 def test_the_jobs_view_follows_the_job_just_launched_and_sets_the_buttons(held, tmp_path):

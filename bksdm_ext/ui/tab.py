@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import re
 import os
 import subprocess
@@ -87,6 +88,9 @@ class TabContext:
     current_checkpoint: Callable[[], str | None] | None = None
     # The Models view's rows (webui.models_view.ModelRow.as_dict()), None to leave the view out.
     models_rows: Callable[[], list[dict]] | None = None
+    # The names of the WebUI's samplers (`modules.sd_samplers.all_samplers`), to say when a few-step model's
+    # sampler is missing (LCM: WebUI 1.8+); None where there is no txt2img (`bksdm app`).
+    samplers: Callable[[], list[str]] | None = None
 
     def model_sources(self, refresh: bool = False) -> dict[str, str]:
         if self.checkpoints is None:
@@ -594,7 +598,7 @@ def _jobs(context: TabContext):
             _message(context.handoff_note, True) if runner.handoff_active else "",
             _table(views),
             gr.update(choices=ids, value=job_id) if (ids, job_id) != (shown.get("ids"), shown.get("job")) else gr.update(),
-            _status(view),
+            _status(view) + _recommended_note(context, view),
             runner.log_tail(job_id) if job_id else "",
         ]
         samples = sample_gallery(runner.samples(job_id), _prompts(runner, job_id)) if job_id else []
@@ -639,18 +643,20 @@ def _jobs(context: TabContext):
             update, inputs=[selected, seen], outputs=views_out)
 
     def use_click(job_id, request: gr.Request):
-        title = [""]
+        plan = [""]
 
         def inner():
             context.check(request, "Selecting a checkpoint")
-            title[0] = use_in_txt2img(context, job_id)
-            return f"Selected {title[0]} in the checkpoint list; txt2img now generates with it."
-        return _guarded(inner), title[0]
+            use = txt2img_use(context, job_id)
+            plan[0] = json.dumps(use)
+            return use["message"]
+        return _guarded(inner), plan[0]
 
-    # the page selects it as the user's own pick, through the WebUI's selectCheckpoint (javascript/ui.js)
+    # the page selects the checkpoint as the user's own pick, through the WebUI's selectCheckpoint
+    # (javascript/ui.js), and sets txt2img's sampler, steps and CFG (bksdmUseInTxt2img, javascript/bksdm.js)
     use.click(use_click, inputs=[selected], outputs=[action_result, use_title]).then(
         None, inputs=[use_title], outputs=None,
-        _js="(t) => { if (t && typeof selectCheckpoint === 'function') { selectCheckpoint(t); } return []; }")
+        _js="(t) => { if (t && typeof bksdmUseInTxt2img === 'function') { bksdmUseInTxt2img(t); } return []; }")
 
     def ask(job_id):
         if not job_id:
@@ -673,6 +679,104 @@ def use_in_txt2img(context: TabContext, job_id: str) -> str:
     if path is None:
         raise BKSDMError(f"Job {job_id} has no finished checkpoint to use: only a done job's model can be selected.")
     return context.use_checkpoint(path)
+
+
+def recommended_settings(path: Path) -> dict | None:
+    """A few-step model's recommended sampling (`bksdm.recommended` in its safetensors header: sampler, steps,
+    steps_range, cfg_scale, cfg_range), None when it records none or not in that form. Reads the header only."""
+    from ..io import read_metadata
+
+    try:
+        raw = read_metadata(path).get("bksdm.recommended")
+        rec = json.loads(raw) if raw else None
+        if not (isinstance(rec, dict) and isinstance(rec.get("sampler"), str) and rec["sampler"]
+                and all(isinstance(rec.get(k), (int, float)) for k in ("steps", "cfg_scale"))):
+            return None
+        for key in ("steps_range", "cfg_range"):
+            value = rec.get(key)
+            if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+                rec[key] = None
+        return rec
+    except (BKSDMError, ValueError):
+        return None
+
+
+def describe_recommended(rec: dict) -> str:
+    """E.g. "Few-step model: LCM sampler, 4 steps (2-8), CFG 1-2"."""
+    steps = f"{int(rec['steps'])} steps" + (f" ({rec['steps_range'][0]:g}-{rec['steps_range'][1]:g})"
+                                             if rec.get("steps_range") else "")
+    cfg = (f"CFG {rec['cfg_range'][0]:g}-{rec['cfg_range'][1]:g}" if rec.get("cfg_range")
+           else f"CFG {rec['cfg_scale']:g}")
+    return f"Few-step model: {rec['sampler']} sampler, {steps}, {cfg}"
+
+
+def missing_sampler(context: TabContext, rec: dict) -> str:
+    """What to say when the WebUI has no sampler of that name (LCM before WebUI 1.8); "" otherwise."""
+    if context.samplers is None:
+        return ""
+    try:
+        names = set(context.samplers())
+    except Exception:  # noqa: BLE001 - the WebUI's internals: no list, nothing to say
+        return ""
+    if rec["sampler"] in names:
+        return ""
+    return (f"This WebUI has no {rec['sampler']} sampler (it came with WebUI 1.8): update the WebUI to sample "
+            f"this model in {int(rec['steps'])} steps.")
+
+
+def is_lora_file(path: Path) -> bool:
+    """A LoRA file (kohya's `ss_network_module` in its header, as our LoRA outputs write it), not a checkpoint."""
+    from ..io import read_metadata
+
+    try:
+        return bool(read_metadata(path).get("ss_network_module"))
+    except BKSDMError:
+        return False
+
+
+def _recommended_note(context: TabContext, view: dict | None) -> str:
+    """The Jobs view's line about a finished few-step model: its sampler, steps and CFG."""
+    if not view or view["state"] != "done":
+        return ""
+    path = job_checkpoint(context.runner, view["id"])
+    rec = recommended_settings(path) if path is not None else None
+    if rec is None:
+        return ""
+    text = describe_recommended(rec) + "."
+    if is_lora_file(path):
+        text += f" A LoRA: put <lora:{path.stem}:1> in the prompt."
+    missing = missing_sampler(context, rec)
+    return _message(f"{text} {missing}".strip(), not missing)
+
+
+def txt2img_use(context: TabContext, job_id: str) -> dict:
+    """What "Use in txt2img" does for a finished job, for the page: the checkpoint title to select (None for
+    a LoRA, whose `<lora:NAME:1>` goes in the prompt), the recommended sampler, steps and CFG to set (None
+    when the model records none, or the WebUI lacks the sampler), and the message. A BKSDMError says why not."""
+    if not job_id:
+        raise BKSDMError("Select a job first.")
+    path = job_checkpoint(context.runner, job_id)
+    rec = recommended_settings(path) if path is not None else None
+    use = {"checkpoint": None, "lora": None, "sampler": None, "steps": None, "cfg_scale": None}
+    if path is not None and is_lora_file(path):
+        if context.use_checkpoint is None:
+            raise BKSDMError("There is no txt2img here: apply the job's LoRA in the WebUI (or in diffusers).")
+        use["lora"] = f"<lora:{path.stem}:1>"
+        parts = [f"{path.name} is a LoRA, not a checkpoint: put {use['lora']} in the prompt, with the model it "
+                 "was trained on selected (the LoRA file belongs in the WebUI's models/Lora folder)."]
+    else:
+        use["checkpoint"] = use_in_txt2img(context, job_id)
+        parts = [f"Selected {use['checkpoint']} in the checkpoint list; txt2img now generates with it."]
+    if rec is not None:
+        missing = missing_sampler(context, rec)
+        if missing:
+            parts.append(f"{describe_recommended(rec)}. {missing}")
+        else:
+            use.update(sampler=rec["sampler"], steps=int(rec["steps"]), cfg_scale=float(rec["cfg_scale"]))
+            parts.append(f"Set txt2img to the {rec['sampler']} sampler, {int(rec['steps'])} steps and CFG "
+                         f"{rec['cfg_scale']:g} ({describe_recommended(rec)}).")
+    use["message"] = " ".join(parts)
+    return use
 
 
 MODEL_HEADERS = ["Checkpoint", "Layout", "Version", "U-Net parameters", "vs SD", "U-Net MACs", "vs SD",

@@ -212,11 +212,18 @@ def on_ui_tabs():
     context = TabContext(runner(), _guard(), origin=_origin(), timings_store=timings.store_path,
                          benchmark=timings.run_benchmark, checkpoint_choices=timings.checkpoint_titles,
                          checkpoints=checkpoint_files, use_checkpoint=checkpoint_title, models_rows=models_view_rows,
-                         current_checkpoint=current_checkpoint,
+                         current_checkpoint=current_checkpoint, samplers=sampler_names,
                          form_defaults={name: outputs for name, kind in kinds.all().items()
                                         if "output_dir" in {s.name for s in kind.config_class().settings()}})
     ext.tab = build_tab(context)
     return [(ext.tab, "BK-SDM", "bksdm")]
+
+
+def sampler_names() -> list[str]:
+    """The names of the WebUI's samplers (1.6-1.10: `sd_samplers.all_samplers`; "LCM" from 1.8)."""
+    from modules import sd_samplers
+
+    return [sampler.name for sampler in sd_samplers.all_samplers]
 
 
 def on_script_unloaded() -> None:
