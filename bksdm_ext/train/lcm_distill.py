@@ -36,7 +36,7 @@ from ..errors import BKSDMError
 from . import lcm
 from ..io import check_model_source
 from ..job_config import setting
-from .config import TrainConfig
+from .config import DreamBoothConfig, TrainConfig
 from .data import batch_source
 from .distill import conditioning, half_autocast, make_dataset, read_pairs
 from .export import check_output_free, export_model, model_bytes, output_dir, outputs
@@ -116,11 +116,7 @@ class LcmConfig(TrainConfig):
     sample_steps: int = setting(4, "Steps of the validation images (LCM sampler, no guidance).",
                                 label="Sample steps", group="Output", min=1, max=1000)
 
-    @property
-    def lr(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 1e-4 if self.mode == "lora" else 1e-6
+    lr = DreamBoothConfig.lr  # the same rule: the set learning rate, else 1e-4 for LoRA and 1e-6 for full
 
     def validate(self) -> None:
         from .data import read_metadata
