@@ -45,6 +45,7 @@ def write_header_only(path, shapes: dict, metadata: dict | None = None):
 
 
 COSTS = {}
+CUSTOM = "down=2,1,1,2 mid=no"  # a pruned layout (bksdm prune)
 
 
 def fake_cost(layout, version):
@@ -76,6 +77,8 @@ def listed(tmp_path_factory):
         "broken": write_header_only(folder / "broken.safetensors", {k: v for k, v in small.items()
                                                                      if "output_blocks.3.1.proj_out" not in k}),
         "lora": write_header_only(folder / "lora.safetensors", {"lora_unet_x.lora_down.weight": [4, 8]}),
+        "pruned": write_header_only(folder / "pruned.safetensors", {**_unet_shapes(CUSTOM, "v1"), **OTHER_PARTS},
+                                    {"bksdm.layout": CUSTOM}),
     }
     (folder / "v2-yaml.yaml").write_text(config_path("base", "v2-base").read_text())
     (folder / "notes.ckpt").write_bytes(b"not read")
@@ -85,7 +88,8 @@ def listed(tmp_path_factory):
 def test_each_bk_checkpoint_gets_its_layout_version_and_costs_against_sd(listed):
     COSTS.clear()
     rows = {row.checkpoint: row for row in models_view(listed.items(), cost=fake_cost)}
-    assert list(rows) == ["small [hash]", "v2-meta [hash]", "v2-yaml [hash]", "v2-unknown [hash]", "broken [hash]"]
+    assert list(rows) == ["small [hash]", "v2-meta [hash]", "v2-yaml [hash]", "v2-unknown [hash]", "broken [hash]",
+                          "pruned [hash]"]
     small = rows["small [hash]"]
     assert (small.layout, small.layout_title, small.version) == ("small", "BK-SDM-Small", "v1")
     assert small.unet_parameters == 482_346_884  # counted from the header (diffusers' count of BK-SDM-Small)
@@ -96,6 +100,10 @@ def test_each_bk_checkpoint_gets_its_layout_version_and_costs_against_sd(listed)
     assert rows["v2-unknown [hash]"].sd_unet_parameters == 2000  # an undecided v2 is counted as v2-base
     assert "2 missing" in rows["broken [hash]"].problem  # proj_out weight and bias
     assert ("base", "v2-768") in COSTS and ("teacher", "v2-768") in COSTS  # each counted at its own version
+    pruned = rows["pruned [hash]"]
+    assert (pruned.layout, pruned.layout_title, pruned.version, pruned.problem) == (
+        CUSTOM, f"Custom ({CUSTOM})", "v1", None)
+    assert pruned.unet_parameters < 859_520_964  # fewer than SD-1's U-Net
 
 
 def test_measured_speed_comes_from_the_timing_records_under_one_condition(listed):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from modules import sd_models, shared
 
-from .loader import wrap
+from .patching import wrap
 
 
 def in_diffusers_folder(filename: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 from .. import detect, layouts
 from ..errors import BKSDMError
-from ..ldm_config import config_path
+from ..ldm_config import ldm_model_config, render
 from ..timings import stats
 from .decide import UNET_PREFIX, check, header_tensors, is_bk_candidate, not_a_checkpoint
 
@@ -68,8 +68,8 @@ def _yaml_version(detection: detect.UNetDetection, filename: str) -> str:
     yaml = Path(filename).with_suffix(".yaml")
     text = yaml.read_text() if yaml.is_file() else None
     for version in layouts.VERSIONS:
-        if layouts.get_version(version).family == detection.family and text == config_path(
-                detection.layout, version).read_text():
+        if layouts.get_version(version).family == detection.family and text == render(
+                ldm_model_config(detection.layout, version), detection.layout, version):
             return version
     return detection.family
 
@@ -83,13 +83,13 @@ def describe(title: str, filename: str, cost=_layout_cost) -> ModelRow | None:
         tensors, metadata = header_tensors(filename)
         if not_a_checkpoint(tensors) or not is_bk_candidate(tensors):
             return None
-        detection = detect.detect_unet(tensors)
+        detection = detect.detect_unet(tensors, metadata)  # the metadata names a pruned (custom) layout
     except BKSDMError:
         return None
     if detection.layout == "teacher" or detection.naming != "ldm":
         return None
     try:
-        check(tensors)
+        check(tensors, metadata)
         problem = None
     except BKSDMError as error:
         problem = str(error)
