@@ -8,21 +8,17 @@ sample images. The page is saved as artifacts/bksdm-app-*.png.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from browser_helpers import ARTIFACTS, browser  # noqa: F401 (a fixture)
 from jobs_helpers import free_port, tiny_distill_values, wait_until, write_tiny_dataset
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = os.environ.get("BKSDM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture
@@ -52,19 +48,6 @@ def app(tmp_path):
         server.terminate()
         server.wait(30)
         log.close()
-
-
-@pytest.fixture
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"Debian's chromium is not installed ({CHROMIUM}): `apt-get install -y chromium`, "
-                    "or set BKSDM_CHROMIUM to a Chromium binary.")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="`pip install playwright` (the driver only; "
-                                   "the test uses the system chromium)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield browser
-        browser.close()
 
 
 STEPS = 120
