@@ -39,10 +39,11 @@ _META = "bksdm_setting"
 def setting(default: Any, help: str, *, label: str | None = None, group: str | None = None, advanced: bool = False,
             choices: tuple | Callable[[], tuple] | None = None, min: float | None = None, max: float | None = None,
             multiple_of: int | None = None, positional: bool = False, nargs: str | None = None,
-            kind: str | None = None):
+            kind: str | None = None, custom: bool = False):
     """A dataclass field of a job config with its description in the field's metadata.
 
-    `choices` may be a function (read when asked, e.g. the layouts known now). `positional` makes it a
+    `choices` may be a function (read when asked, e.g. the layouts known now); `custom`: they are
+    suggestions, other values are the kind's `validate()` to check (a layout spec). `positional` makes it a
     positional CLI argument (`nargs` "+" / "*" / "?" for several or optional ones). `kind` says what a
     string names: "path", "model" (a model source), "folder", "name" (a plain file name), "prompt".
     """
@@ -51,7 +52,8 @@ def setting(default: Any, help: str, *, label: str | None = None, group: str | N
     if kind is not None and kind not in STRING_KINDS:
         raise ValueError(f"kind {kind!r} is not one of {STRING_KINDS}")
     meta = {"help": help, "label": label, "group": group, "advanced": advanced, "choices": choices, "min": min,
-            "max": max, "multiple_of": multiple_of, "positional": positional, "nargs": nargs, "kind": kind}
+            "max": max, "multiple_of": multiple_of, "positional": positional, "nargs": nargs, "kind": kind,
+            "custom": custom}
     metadata = {_META: meta, "help": help}
     if isinstance(default, (list, tuple)):
         items = list(default)
@@ -71,6 +73,7 @@ class Setting:
     group: str
     advanced: bool = False
     choices: tuple | None = None
+    custom: bool = False  # the choices are suggestions: other values are allowed (the kind checks them)
     min: float | None = None
     max: float | None = None
     multiple_of: int | None = None
@@ -112,7 +115,8 @@ class JobConfig:
                 name=f.name, type=type_name, default=None if default is dataclasses.MISSING else default,
                 help=meta.get("help", f.metadata.get("help", "")), label=label or f.name.replace("_", " "),
                 group=meta.get("group") or "Recipe", advanced=bool(meta.get("advanced")),
-                choices=tuple(choices) if choices else None, min=meta.get("min"), max=meta.get("max"),
+                choices=tuple(choices) if choices else None, custom=bool(meta.get("custom")),
+                min=meta.get("min"), max=meta.get("max"),
                 multiple_of=meta.get("multiple_of"), positional=bool(meta.get("positional")),
                 nargs=meta.get("nargs"), kind=meta.get("kind"), optional=optional or default is None,
                 own=f.name not in shared, labelled=bool(label)))
@@ -194,7 +198,7 @@ def check_value(s: Setting, value: Any) -> None:
         from .io import check_name
 
         check_name(value, s.name)
-    if s.choices and value not in s.choices:
+    if s.choices and not s.custom and value not in s.choices:
         raise BKSDMError(f"{s.name} must be one of {', '.join(map(str, s.choices))}, not {value!r}.")
     if s.type in ("int", "float"):
         if s.min is not None and value < s.min:

@@ -69,6 +69,10 @@ def build_student(teacher, layout: str):
             raise BKSDMError(f"Teacher tensor for {key} has shape {tuple(tensor.shape)}, the student needs "
                              f"{tuple(skeleton.state_dict()[key].shape)}: the teacher is not a standard SD U-Net.")
     student = UNet2DConditionModel.from_config(config)
+    if not lay.is_named:  # a custom layout: its config.json names it (shapes alone may fit several)
+        from .convert import LAYOUT_CONFIG_KEY
+
+        student.register_to_config(**{LAYOUT_CONFIG_KEY: lay.name})
     student.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
     student.to(dtype=next(teacher.parameters()).dtype)
     used = {layouts.teacher_key(k, lay) for k in state}

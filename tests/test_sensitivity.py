@@ -14,6 +14,7 @@ from bksdm_ext.prune import prune
 from bksdm_ext.sensitivity import analysis, blocks
 from bksdm_ext.sensitivity.job import SensitivityConfig, run
 from tiny import tiny_unet, write_tiny_pipeline
+from tiny_metrics import write_tiny_clip
 
 IDENTITY, DESTRUCTIVE = "down0.1", "up1.1"
 
@@ -89,13 +90,34 @@ def test_removal_changes_the_output_and_puts_everything_back():
         p.numel() for p in unet.mid_block.parameters())
 
 
-def test_identity_block_ranks_harmless_destructive_ranks_worst_and_the_proposal_builds(tmp_path, rigged):
+def test_identity_block_ranks_harmless_destructive_ranks_worst_and_the_proposal_builds(tmp_path, rigged,
+                                                                                      monkeypatch):
+    clip_config, clip_weights = write_tiny_clip(tmp_path / "clip")
+    embedded = {"images": 0, "texts": 0}
+    for name, key in (("image_embeddings", "images"), ("text_embeddings", "texts")):
+        real = getattr(metrics.Clip, name)
+
+        def counted(self, items, *args, real=real, key=key, **kwargs):
+            embedded[key] += len(items)
+            return real(self, items, *args, **kwargs)
+
+        monkeypatch.setattr(metrics.Clip, name, counted)
     job = tmp_path / "job"
-    assert run(_config(rigged), job) == "done"
+    assert run(_config(rigged, clip_weights=str(clip_weights), clip_model=str(clip_config)), job) == "done"
+    # each image (2 of the teacher, 2 per unit) and each prompt embedded once, for the CLIP score and distance
+    assert embedded == {"images": 2 + 22 * 2, "texts": 2}
     table = (job / "output" / "sensitivity.csv").read_text().splitlines()
+    assert table[0].endswith(",clip_score,clip_score_drop,clip_image_similarity")
     ranked = [line.split(",")[0] for line in table[1:]]
     assert ranked[0] == IDENTITY and ranked[-1] == DESTRUCTIVE
-    assert float(table[1].split(",")[3]) == 0.0  # an identity removed changes no pixel
+    identity, destructive = table[1].split(","), table[-1].split(",")
+    assert float(identity[3]) == 0.0  # an identity removed changes no pixel
+    # nor its CLIP score; its images embed as the teacher's
+    assert abs(float(identity[7])) < 1e-6 and float(identity[8]) > 1 - 1e-6
+    assert float(destructive[8]) < 1 - 1e-3 and float(destructive[7]) != 0.0
+    teacher_clip = float(identity[6]) + float(identity[7])
+    assert f"CLIP score (tiny-clip-test) of the full teacher: {teacher_clip:.4f}" in \
+        (job / "output" / "proposal.txt").read_text()
     assert (job / "output" / "sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     progress = json.loads((job / "progress.json").read_text())
     assert progress["state"] == "done" and progress["step"] == progress["total_steps"] == 23 * 2
@@ -140,6 +162,15 @@ def test_cancel_and_resume_score_only_what_is_missing(tmp_path, rigged, monkeypa
     assert len(calls) == 22 and teacher_png.stat().st_mtime_ns == stamp
     scores = json.loads((job / "sensitivity" / "scores.json").read_text())
     assert sum(len(v) for v in scores.values()) == 22
+
+
+def test_the_chart_of_pairs_and_clip_scores(tmp_path):
+    """A pair of a stage can mix an identity and a channel interpolation: it has its own colour."""
+    table = [analysis.Row("down1.0+down1.1", "channel interpolation + identity", 10, 0.5, 0.1, 2, 0.2, 0.9),
+             analysis.Row("down0.1", "identity", 5, 0.0, 0.0, 2, 0.3, 1.0)]
+    for teacher_clip_score in (None, 0.3):
+        path = analysis.bar_chart(table, tmp_path / "chart.png", "pairs", teacher_clip_score)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_proposal_stops_where_no_layout_is_smaller():

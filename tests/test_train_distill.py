@@ -153,6 +153,7 @@ def test_config_round_trips_and_validates(tmp_path, tiny_pipeline_v1):
     bad = [
         (dict(layout="huge"), "Unknown layout"),
         (dict(layout="teacher"), "student layout"),
+        (dict(layout="down=3,1,1,2"), r"^Layout spec 'down=3,1,1,2': each down stage keeps 1 or 2 R-A pairs\."),
         (dict(teacher=str(tmp_path / "nope")), "does not exist"),
         (dict(data=str(tmp_path)), "no metadata"),
         (dict(resolution=100), "multiple of 8"),
@@ -240,6 +241,52 @@ def test_every_stage_term_is_a_losses_csv_column_and_normalised_weighted_kd_trai
         DistillConfig(**{**config.to_dict(), "feature_kd_stage_weights": [1, 2]}).validate()
     with pytest.raises(BKSDMError, match="feature_kd must be one of"):
         DistillConfig(**{**config.to_dict(), "feature_kd": "l1"}).validate()
+
+
+# shaped as BK-SDM-Base (one pair per stage, mid kept), but copied from other teacher pairs: only our
+# metadata tells them apart
+CUSTOM = "down=1,1,1,1 mid=yes down_from=1,0,0,1"
+
+
+def test_a_custom_layout_spec_distils_and_its_output_loads_strictly_as_that_layout(tmp_path, tiny_pipeline_v1,
+                                                                                   one_thread):
+    import importlib
+    import json
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from bksdm_ext import detect, io
+    from bksdm_ext.convert import LAYOUT_CONFIG_KEY, load_model
+    from bksdm_ext.train import distill
+
+    lay = layouts.get_layout(CUSTOM)
+    assert layouts.get_layout("base").layers_per_block == lay.layers_per_block and lay.down_from != \
+        layouts.get_layout("base").down_from
+    models = tmp_path / "models"
+    config = DistillConfig(teacher=str(tiny_pipeline_v1), data=str(write_images(tmp_path / "data", 2)), layout=CUSTOM,
+                           output_dir=str(models), **small_settings(max_steps=2))
+    config.validate()
+    assert distill.train(config, tmp_path / "job") == "done"
+    # its feature-KD pairs, as the layout table gives them, are the loss terms
+    stages = [s for _, s in layouts.feature_kd_pairs(lay)]
+    rows = JobFolder(tmp_path / "job").read_losses()
+    assert len(rows) == 2 and len([k for k in rows[0] if k.startswith("feat_kd.")]) == len(stages) == 8
+    # the output: named by the layout's slug, recorded as the spec in the file and the diffusers copy
+    single = models / f"bk-sdm-{layouts.slug(lay)}.safetensors"
+    assert io.read_metadata(single)["bksdm.layout"] == lay.name
+    folder = tmp_path / "job" / "output" / single.stem
+    assert json.loads((folder / "unet" / "config.json").read_text())[LAYOUT_CONFIG_KEY] == lay.name
+    for source in (single, folder):  # detected as the spec, not as BK-SDM-Base of the same shapes
+        assert load_model(source).detection.layout == lay.name
+    tensors, metadata = io.read_safetensors(single)
+    assert detect.detect_unet(tensors, metadata).layout == lay.name
+    params = yaml.safe_load(single.with_suffix(".yaml").read_text())["model"]["params"]["unet_config"]
+    module, name = params["target"].rsplit(".", 1)
+    unet = getattr(importlib.import_module(module), name)(**params["params"])
+    prefix = "model.diffusion_model."
+    unet.load_state_dict({k[len(prefix):]: v for k, v in load_file(str(single)).items() if k.startswith(prefix)},
+                         strict=True)
 
 
 def _bitsandbytes_importable() -> bool:

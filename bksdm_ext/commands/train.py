@@ -48,7 +48,7 @@ def add_setting_argument(p: argparse.ArgumentParser, s: Setting) -> None:
         kwargs["metavar"] = s.name.upper()
         if s.type == "list" or s.nargs:
             kwargs["nargs"] = s.nargs or "+"
-    if s.choices:
+    if s.choices and not s.custom:
         kwargs["choices"] = s.choices
     if s.positional:
         p.add_argument(PREFIX + s.name, **kwargs)

@@ -110,8 +110,8 @@ class EvaluateConfig(JobConfig):
                 raise BKSDMError(f"The FID reference {self.reference} does not exist.")
         if "clip" in names and not self.clip_weights:
             raise BKSDMError(f"The CLIP score needs open_clip weights: {weights.CLIP_HELP}; set clip_weights.")
-        if self.clip_weights and not Path(self.clip_weights).expanduser().is_file():
-            raise BKSDMError(f"The CLIP weights {self.clip_weights} are missing: {weights.CLIP_HELP}.")
+        if self.clip_weights:
+            weights.check_clip_weights(self.clip_weights)
         if "teacher-distance" in names and len(self.models) < 2:
             raise BKSDMError("The teacher distance compares students with the first model: give two models or more.")
         self.protocol().validate()

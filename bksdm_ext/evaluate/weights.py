@@ -28,6 +28,14 @@ def inception_file(path: str | os.PathLike) -> Path:
     return file
 
 
+def check_clip_weights(path: str | os.PathLike) -> Path:
+    """The open_clip weights file `path`; missing: one message saying what to give."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise BKSDMError(f"The CLIP weights {path} are missing: {CLIP_HELP}.")
+    return file
+
+
 def sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -1,7 +1,9 @@
 """From per-image scores to the damage table, its bar chart (BK-SDM Fig. 19) and a proposed layout.
 
 Damage of a unit: the mean teacher distance (bksdm_ext.evaluate.metrics.teacher_distance: pixel MSE of
-the 256 px images in [0, 1]) between the teacher without the unit and the full teacher, at the same prompts and seeds. The proposal removes, greedily,
+the 256 px images in [0, 1]) between the teacher without the unit and the full teacher, at the same prompts and
+seeds. Given a CLIP model, each unit also has its CLIP score (its images against their prompts; its drop is
+against the full teacher's) and the teacher distance's CLIP image similarity. The proposal removes, greedily,
 what hurts least among the removals a loader can build (layouts of SD's blocks, no stand-ins): the mid
 block, the innermost stage, or a down pair of a stage together with one of its up blocks (a layout's
 up stage has one block more than its down stage), scored as the sum of the two blocks' damages.
@@ -29,39 +31,64 @@ class Row:
     damage: float  # mean teacher distance
     spread: float  # standard deviation over prompts and seeds
     images: int
+    clip_score: float | None = None  # mean CLIP score of its images against their prompts
+    clip_image_similarity: float | None = None  # mean CLIP cosine of its images to the teacher's
 
 
-def rows(scores: dict[str, list[float]], stand_ins: dict[str, str], parameters: dict[str, int]) -> list[Row]:
-    """The table, most harmless first."""
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def rows(scores: dict[str, list[dict[str, float]]], stand_ins: dict[str, str], parameters: dict[str, int],
+         ) -> list[Row]:
+    """The table, most harmless first. `scores`: per unit, each image's {"pixel_mse", and with CLIP
+    "clip_score", "clip_image_similarity"}."""
     out = []
     for unit, values in scores.items():
-        mean = sum(values) / len(values)
-        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-        out.append(Row(unit, stand_ins[unit], parameters[unit], mean, spread, len(values)))
+        mse = [v["pixel_mse"] for v in values]
+        mean = _mean(mse)
+        spread = math.sqrt(sum((v - mean) ** 2 for v in mse) / len(mse))
+        clip = {name: _mean([v[name] for v in values]) if all(name in v for v in values) else None
+                for name in ("clip_score", "clip_image_similarity")}
+        out.append(Row(unit, stand_ins[unit], parameters[unit], mean, spread, len(values), **clip))
     return sorted(out, key=lambda r: (r.damage, r.unit))
 
 
-def write_table(table: list[Row], path: Path) -> Path:
+def write_table(table: list[Row], path: Path, teacher_clip_score: float | None = None) -> Path:
+    """The table as csv; with a CLIP model (`teacher_clip_score`, the full teacher's) also each unit's CLIP
+    score, its drop from the teacher's and the CLIP image similarity to the teacher's images."""
     from ..io import write_text
 
-    lines: list[list] = [["unit", "stand_in", "parameters_removed", "damage_pixel_mse", "std", "images"]]
-    lines += [[r.unit, r.stand_in, r.parameters, f"{r.damage:.6g}", f"{r.spread:.3g}", r.images] for r in table]
+    clip = teacher_clip_score is not None
+    lines: list[list] = [["unit", "stand_in", "parameters_removed", "damage_pixel_mse", "std", "images"]
+                         + (["clip_score", "clip_score_drop", "clip_image_similarity"] if clip else [])]
+    for r in table:
+        lines.append([r.unit, r.stand_in, r.parameters, f"{r.damage:.6g}", f"{r.spread:.3g}", r.images]
+                     + ([f"{r.clip_score:.6g}", f"{teacher_clip_score - r.clip_score:.6g}",
+                         f"{r.clip_image_similarity:.6g}"] if clip else []))
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(lines)
     return write_text(path, buffer.getvalue())
 
 
-def format_table(table: list[Row]) -> str:
-    head = f"{'rank':>4}  {'unit':<16}{'stand-in':<23}{'params':>13}{'damage (MSE)':>14}{'std':>10}"
+def format_table(table: list[Row], teacher_clip_score: float | None = None) -> str:
+    clip = teacher_clip_score is not None
+    head = (f"{'rank':>4}  {'unit':<16}{'stand-in':<23}{'params':>13}{'damage (MSE)':>14}{'std':>10}"
+            + (f"{'CLIP drop':>11}{'CLIP sim.':>11}" if clip else ""))
     return "\n".join([head] + [f"{i:>4}  {r.unit:<16}{r.stand_in:<23}{r.parameters:>13,}{r.damage:>14.5f}"
-                               f"{r.spread:>10.4f}" for i, r in enumerate(table, 1)])
+                               f"{r.spread:>10.4f}" + (f"{teacher_clip_score - r.clip_score:>11.4f}"
+                                                       f"{r.clip_image_similarity:>11.4f}" if clip else "")
+                               for i, r in enumerate(table, 1)])
 
 
-_COLOURS = {"identity": "#4c72b0", "channel interpolation": "#dd8452", "none": "#55a868"}
+# a group's stand-ins are joined sorted (job.py): a pair of a stage can mix both
+_COLOURS = {"identity": "#4c72b0", "channel interpolation": "#dd8452", "none": "#55a868",
+            "channel interpolation + identity": "#8172b3"}
 
 
-def bar_chart(table: list[Row], path: Path, title: str) -> Path:
-    """Damage per unit as bars in the network's order (down, mid, up, inner), as Fig. 19."""
+def bar_chart(table: list[Row], path: Path, title: str, teacher_clip_score: float | None = None) -> Path:
+    """Damage per unit as bars in the network's order (down, mid, up, inner), as Fig. 19; with CLIP
+    (`teacher_clip_score`) a second panel below: each unit's CLIP score drop from the full teacher's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,14 +98,22 @@ def bar_chart(table: list[Row], path: Path, title: str) -> Path:
 
     order = {name: i for i, name in enumerate(elementary_units())}
     shown = sorted(table, key=lambda r: (order.get(r.unit.split("+")[0], 99), r.unit))
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.36 * len(shown)), 4.0), dpi=100)
-    axes.bar(range(len(shown)), [r.damage for r in shown], color=[_COLOURS[r.stand_in] for r in shown])
-    axes.set_xticks(range(len(shown)), [r.unit for r in shown], rotation=70, fontsize=8)
-    axes.set_ylabel("damage: pixel MSE to the teacher")
-    axes.set_title(title, fontsize=10)
-    for kind, colour in _COLOURS.items():
-        axes.bar([], [], color=colour, label=kind)
-    axes.legend(title="in its place", fontsize=8)
+    colours = [_COLOURS[r.stand_in] for r in shown]
+    panels = 1 if teacher_clip_score is None else 2
+    figure, axes = plt.subplots(panels, 1, squeeze=False, sharex=True, dpi=100,
+                                figsize=(max(6.0, 0.36 * len(shown)), 4.0 + 2.5 * (panels - 1)))
+    axes = axes[:, 0]
+    axes[0].bar(range(len(shown)), [r.damage for r in shown], color=colours)
+    axes[0].set_ylabel("damage: pixel MSE to the teacher")
+    axes[0].set_title(title, fontsize=10)
+    if teacher_clip_score is not None:
+        axes[1].bar(range(len(shown)), [teacher_clip_score - r.clip_score for r in shown], color=colours)
+        axes[1].axhline(0.0, color="black", linewidth=0.6)
+        axes[1].set_ylabel(f"CLIP score drop\n(teacher: {teacher_clip_score:.4f})", fontsize=8)
+    axes[-1].set_xticks(range(len(shown)), [r.unit for r in shown], rotation=70, fontsize=8)
+    for kind in dict.fromkeys(r.stand_in for r in shown):
+        axes[0].bar([], [], color=_COLOURS[kind], label=kind)
+    axes[0].legend(title="in its place", fontsize=8)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.partial.png")
     figure.savefig(tmp)

@@ -2,7 +2,9 @@
 
 For each unit (`blocks.units`), the teacher without it generates the prompt set at fixed seeds
 through the project's one generation engine (`timings.bench.generate`); each image is scored
-against the full teacher's with the teacher distance (pixel MSE). Outputs, in the job's output/:
+against the full teacher's with the teacher distance (pixel MSE; given a CLIP model, also the
+cosine of the two images' CLIP embeddings), and by its CLIP score (against its prompt). Each image is
+embedded once, for both. Outputs, in the job's output/:
 `sensitivity.csv` (the damage table), `sensitivity.png` (its bar chart, as Fig. 19) and
 `proposal.txt` (a layout for the target size, as a spec `bksdm prune --keep` takes).
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BKSDMError
+from ..evaluate.weights import check_clip_weights
 from ..io import check_model_source, write_json
 from ..job import JobFolder, Progress
 from ..job_config import JobConfig, setting
@@ -66,6 +69,13 @@ class SensitivityConfig(JobConfig):
                           "of a stage (twice the time).", label="Units", group="Recipe", choices=("single", "pairs"))
     target_fraction: float = setting(0.7, "Size of the proposed layout, as a share of the teacher's U-Net parameters.",
                                      label="Target size", group="Output", min=0.05, max=1.0)
+    clip_weights: str = setting("", "open_clip weights (optional): adds each unit's CLIP score (its images "
+                                "against their prompts) and the CLIP image similarity to the teacher's images "
+                                "(.safetensors, or a state dict .bin/.pt read with weights_only). The ranking and "
+                                "the proposal stay by pixel MSE.", label="CLIP weights", group="Model", kind="path")
+    clip_model: str = setting("ViT-g-14", "The open_clip architecture of the CLIP weights (the paper's evaluation: "
+                              "ViT-g-14), or an open_clip config .json.", label="CLIP architecture", group="Model",
+                              advanced=True)
     device: str = setting("auto", "auto: CUDA when there is one, else the CPU.", label="Device",
                           group="Speed & memory", choices=("auto", "cpu", "cuda"))
 
@@ -77,6 +87,8 @@ class SensitivityConfig(JobConfig):
                              "(bksdm convert MODEL.safetensors FOLDER).")
         if not [p for p in self.prompts if str(p).strip()]:
             raise BKSDMError("Give at least one prompt.")
+        if self.clip_weights:
+            check_clip_weights(self.clip_weights)
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
@@ -112,7 +124,8 @@ def run(config: SensitivityConfig, job_dir: Path, resume: str | None = None) -> 
         shutil.rmtree(work)
     (work / "teacher").mkdir(parents=True, exist_ok=True)
     scores_file = work / "scores.json"
-    scores: dict[str, dict[str, float]] = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
+    # unit -> "prompt-seed" -> {"pixel_mse": ..., with CLIP also "clip_score", "clip_image_similarity"}
+    scores: dict[str, dict[str, dict[str, float]]] = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     pipe = bench.load_pipeline(config.teacher, device)
@@ -162,7 +175,23 @@ def run(config: SensitivityConfig, job_dir: Path, resume: str | None = None) -> 
                 return "cancelled"
             _save_png(image(pipe.unet, case), path)
             advance(f"teacher image {case[0] + 1}/{len(prompts)}")
-        teacher_images[case] = _load_png(path)
+        teacher_images[case] = _hwc(_load_png(path))
+    clip = metrics.Clip(config.clip_weights, config.clip_model, device) if config.clip_weights else None
+    if clip is not None:  # each prompt, and each teacher image, embedded once for the whole run
+        texts = clip.text_embeddings(prompts)
+        teacher_embeddings = dict(zip(cases, clip.image_embeddings([teacher_images[c] for c in cases])))
+        teacher_clip_score = metrics.clip_score(torch.stack([teacher_embeddings[c] for c in cases]),
+                                                texts[[c[0] for c in cases]])
+
+    def score(case, picture) -> dict[str, float]:
+        if clip is None:
+            return {"pixel_mse": metrics.teacher_distance([teacher_images[case]], [picture]).pixel_mse}
+        embedding = clip.image_embeddings([picture])
+        distance = metrics.teacher_distance([teacher_images[case]], [picture],
+                                            embeddings=(teacher_embeddings[case][None], embedding))
+        return {"pixel_mse": distance.pixel_mse, "clip_image_similarity": distance.clip_image_similarity,
+                "clip_score": metrics.clip_score(embedding, texts[case[0]][None])}
+
     for unit in units:
         unit_scores = scores.setdefault(unit.name, {})
         pending = [c for c in cases if f"{c[0]}-{c[1]}" not in unit_scores]
@@ -172,8 +201,7 @@ def run(config: SensitivityConfig, job_dir: Path, resume: str | None = None) -> 
             for case in pending:
                 if cancelled():
                     return "cancelled"
-                distance = metrics.teacher_distance([_hwc(teacher_images[case])], [_hwc(image(unet, case))])
-                unit_scores[f"{case[0]}-{case[1]}"] = distance.pixel_mse
+                unit_scores[f"{case[0]}-{case[1]}"] = score(case, _hwc(image(unet, case)))
                 write_json(scores_file, scores)
                 advance(f"without {unit.name}: image {len(unit_scores)}/{len(cases)}")
 
@@ -181,14 +209,18 @@ def run(config: SensitivityConfig, job_dir: Path, resume: str | None = None) -> 
                           {u.name: " + ".join(sorted({blocks.stand_in(dict(pipe.unet.config), p) for p in u.parts}))
                            for u in units},
                           {u.name: blocks.removed_parameters(pipe.unet, u) for u in units})
+    reference = teacher_clip_score if clip is not None else None
     out = folder.output
-    analysis.write_table(table, out / "sensitivity.csv")
+    analysis.write_table(table, out / "sensitivity.csv", reference)
     analysis.bar_chart(table, out / "sensitivity.png", f"{pipe.name}: damage without each block "
-                       f"({len(cases)} images, {config.steps} steps, {config.resolution} px)")
+                       f"({len(cases)} images, {config.steps} steps, {config.resolution} px)", reference)
     single = {r.unit: r.damage for r in table if "+" not in r.unit}
     proposal = analysis.propose(single, dict(pipe.unet.config), config.target_fraction)
     seconds = (time.time() - started) / made if made else None
     lines = proposal.lines()
+    if clip is not None:
+        lines.append(f"CLIP score ({clip.name}) of the full teacher: {teacher_clip_score:.4f}; each unit's is in "
+                     "sensitivity.csv.")
     if seconds:
         scale = (PAPER_STEPS / config.steps) * (PAPER_SIDE / config.resolution) ** 2
         paper = (1 + len(units)) * PAPER_PROMPTS * config.seeds * seconds * scale / 3600
@@ -198,7 +230,7 @@ def run(config: SensitivityConfig, job_dir: Path, resume: str | None = None) -> 
     from ..io import write_text
 
     write_text(out / "proposal.txt", "\n".join(lines) + "\n")
-    print(analysis.format_table(table), flush=True)
+    print(analysis.format_table(table, reference), flush=True)
     print("\n".join(lines), flush=True)
     folder.write_progress(progress.update(state="done", step=total, eta_s=0.0, message=lines[0],
                                           output=str(out / "sensitivity.csv")))

@@ -125,8 +125,9 @@ class DistillConfig(TrainConfig):
 
     teacher: str = setting("", "The SD-v1/v2 teacher: a diffusers folder, a single-file checkpoint, or a hub id "
                                "(online).", label="Teacher model", group="Model", kind="model")
-    layout: str = setting("small", "Student layout to build from the teacher and train.", label="Student layout",
-                          group="Model", choices=lambda: layouts.STUDENTS)
+    layout: str = setting("small", "Student layout to build from the teacher and train: a named one, or a custom "
+                          "spec of what is kept, e.g. 'down=2,1,1,2 mid=no' (as `bksdm prune --keep`).",
+                          label="Student layout", group="Model", choices=lambda: layouts.STUDENTS, custom=True)
     data: str = setting("", "Image folder with metadata.jsonl or metadata.csv (file_name, text), as "
                             "LAION-Aesthetics.", label="Training images", group="Data", kind="folder")
     caption_column: str = setting("text", "Caption column of the metadata.", label="Caption column", group="Data",
@@ -164,7 +165,8 @@ class DistillConfig(TrainConfig):
 
         lay = layouts.get_layout(self.layout)  # an unknown name is named as such, before the choices check
         if not lay.is_student:
-            raise BKSDMError(f"layout must be a student layout: {', '.join(layouts.STUDENTS)}.")
+            raise BKSDMError(f"layout must be a student layout: {', '.join(layouts.STUDENTS)}, or a spec of "
+                             "what is kept (e.g. 'down=2,1,1,2 mid=no').")
         super().validate()
         check_model_source(self.teacher, "teacher")
         read_metadata(self.data, self.image_column, self.caption_column)

@@ -131,7 +131,8 @@ def _component(field: Setting, kind: str, context: "TabContext") -> gr.component
                            info=f"{field.help} Pick one from the list, or type a path on the server.",
                            elem_id=elem_id)
     if field.choices:
-        return gr.Dropdown(list(field.choices), value=field.default, label=label, info=field.help, elem_id=elem_id)
+        return gr.Dropdown(list(field.choices), value=field.default, label=label, info=field.help, elem_id=elem_id,
+                           allow_custom_value=field.custom)
     if field.type == "bool":
         return gr.Checkbox(value=bool(field.default), label=label, info=field.help, elem_id=elem_id)
     if field.type in ("int", "float") and field.default is None:  # empty means the default: a Number shows 0
