@@ -9,6 +9,7 @@ import yaml
 
 from bksdm_ext import io, layouts
 from bksdm_ext.convert import checkpoint
+from bksdm_ext.errors import BKSDMError
 from bksdm_ext.evaluate import metrics
 from bksdm_ext.prune import prune
 from bksdm_ext.sensitivity import analysis, blocks
@@ -173,6 +174,17 @@ def test_the_chart_of_pairs_and_clip_scores(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_only_the_chosen_units_are_scored_and_the_time_of_all_is_estimated(tmp_path, rigged):
+    job = tmp_path / "job"
+    assert run(_config(rigged, prompts=["a red bus"], units=["mid", IDENTITY]), job) == "done"
+    table = (job / "output" / "sensitivity.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in table[1:]] == [IDENTITY, "mid"]
+    assert json.loads((job / "progress.json").read_text())["total_steps"] == 1 + 2
+    assert "all 22 units at these settings take about" in (job / "output" / "proposal.txt").read_text()
+    with pytest.raises(BKSDMError, match=r"^Unknown unit 'down9\.0' for groups=single: give names such as"):
+        _config(rigged, units=["down9.0"]).validate()
+
+
 def test_proposal_stops_where_no_layout_is_smaller():
     damage = {name: 1.0 for name in blocks.elementary_units()}
     config = tiny_unet().config
@@ -183,7 +195,5 @@ def test_proposal_stops_where_no_layout_is_smaller():
 
 def test_sensitivity_refuses_a_pruned_model(tmp_path):
     small = write_tiny_pipeline(tmp_path / "small", "small")
-    from bksdm_ext.errors import BKSDMError
-
     with pytest.raises(BKSDMError, match="not a full SD U-Net"):
         run(_config(small), tmp_path / "job")

@@ -67,6 +67,9 @@ class SensitivityConfig(JobConfig):
                            choices=SAMPLERS, advanced=True)
     groups: str = setting("single", "single: each block alone (22 units); pairs: also each two neighbouring blocks "
                           "of a stage (twice the time).", label="Units", group="Recipe", choices=("single", "pairs"))
+    units: list = setting([], "Score only these units, named as in the table (down1.0, mid, up2.2, inner; a pair "
+                          "down1.0+down1.1); empty: all of the chosen Units. The proposal uses the scored ones.",
+                          label="Only these units", group="Recipe", advanced=True)
     target_fraction: float = setting(0.7, "Size of the proposed layout, as a share of the teacher's U-Net parameters.",
                                      label="Target size", group="Output", min=0.05, max=1.0)
     clip_weights: str = setting("", "open_clip weights (optional): adds each unit's CLIP score (its images "
@@ -89,6 +92,21 @@ class SensitivityConfig(JobConfig):
             raise BKSDMError("Give at least one prompt.")
         if self.clip_weights:
             check_clip_weights(self.clip_weights)
+        self.chosen_units()
+
+    def chosen_units(self) -> list:
+        """The units to score: those of `groups`, or the ones `units` names among them."""
+        from .blocks import units
+
+        known = units(self.groups)
+        if not self.units:
+            return known
+        names = {u.name: u for u in known}
+        unknown = [str(n) for n in self.units if n not in names]
+        if unknown:
+            raise BKSDMError(f"Unknown unit {unknown[0]!r} for groups={self.groups}: give names such as down1.0, mid, "
+                             "up2.2, inner (or down1.0+down1.1 with groups=pairs).")
+        return [u for u in known if u.name in set(self.units)]
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:
@@ -131,7 +149,7 @@ def run(config: SensitivityConfig, job_dir: Path, resume: str | None = None) -> 
     pipe = bench.load_pipeline(config.teacher, device)
     if pipe.layout != "sd":
         raise BKSDMError(f"The teacher is {pipe.layout}, not a full SD U-Net: the analysis removes blocks from SD.")
-    units = blocks.units(config.groups)
+    units = config.chosen_units()
     prompts = [str(p) for p in config.prompts if str(p).strip()]
     cases = [(i, config.seed + s) for i in range(len(prompts)) for s in range(config.seeds)]
     protocol = Protocol(width=config.resolution, height=config.resolution, steps=config.steps, sampler=config.sampler,
@@ -222,11 +240,13 @@ def run(config: SensitivityConfig, job_dir: Path, resume: str | None = None) -> 
         lines.append(f"CLIP score ({clip.name}) of the full teacher: {teacher_clip_score:.4f}; each unit's is in "
                      "sensitivity.csv.")
     if seconds:
+        every = len(blocks.units(config.groups))  # the estimates are for all units, also when `units` chose some
         scale = (PAPER_STEPS / config.steps) * (PAPER_SIDE / config.resolution) ** 2
-        paper = (1 + len(units)) * PAPER_PROMPTS * config.seeds * seconds * scale / 3600
-        lines.append(f"This run: {seconds:.2f} s per image on {device}. The paper's size ({PAPER_PROMPTS:,} prompts, "
-                     f"{PAPER_SIDE} px, {PAPER_STEPS} steps) would take about {paper:,.0f} h here, scaling by steps "
-                     "and pixels.")
+        paper = (1 + every) * PAPER_PROMPTS * config.seeds * seconds * scale / 3600
+        lines.append(f"This run: {seconds:.2f} s per image on {device}; all {every} units at these settings take "
+                     f"about {(1 + every) * len(cases) * seconds / 3600:.2f} h here. The paper's size "
+                     f"({PAPER_PROMPTS:,} prompts, {PAPER_SIDE} px, {PAPER_STEPS} steps) would take about "
+                     f"{paper:,.0f} h here, scaling by steps and pixels.")
     from ..io import write_text
 
     write_text(out / "proposal.txt", "\n".join(lines) + "\n")
