@@ -19,7 +19,7 @@ from bksdm_ext.job import JobFolder
 from bksdm_ext.train import losses
 from bksdm_ext.train.checkpoints import load_checkpoint
 from bksdm_ext.train.config import DistillConfig
-from tiny import tiny_unet, tiny_unet_config
+from tiny import load_ldm_unet_strictly, tiny_unet, tiny_unet_config
 from train_helpers import (one_thread, one_thread_env, progress, run_module, small_settings,  # noqa: F401
                            tensorboard_scalars, write_images)
 
@@ -250,11 +250,7 @@ CUSTOM = "down=1,1,1,1 mid=yes down_from=1,0,0,1"
 
 def test_a_custom_layout_spec_distils_and_its_output_loads_strictly_as_that_layout(tmp_path, tiny_pipeline_v1,
                                                                                    one_thread):
-    import importlib
     import json
-
-    import yaml
-    from safetensors.torch import load_file
 
     from bksdm_ext import detect, io
     from bksdm_ext.convert import LAYOUT_CONFIG_KEY, load_model
@@ -281,12 +277,7 @@ def test_a_custom_layout_spec_distils_and_its_output_loads_strictly_as_that_layo
         assert load_model(source).detection.layout == lay.name
     tensors, metadata = io.read_safetensors(single)
     assert detect.detect_unet(tensors, metadata).layout == lay.name
-    params = yaml.safe_load(single.with_suffix(".yaml").read_text())["model"]["params"]["unet_config"]
-    module, name = params["target"].rsplit(".", 1)
-    unet = getattr(importlib.import_module(module), name)(**params["params"])
-    prefix = "model.diffusion_model."
-    unet.load_state_dict({k[len(prefix):]: v for k, v in load_file(str(single)).items() if k.startswith(prefix)},
-                         strict=True)
+    load_ldm_unet_strictly(single)
 
 
 def _bitsandbytes_importable() -> bool:

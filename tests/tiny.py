@@ -168,3 +168,23 @@ def write_full_size_pipeline(directory: str | os.PathLike, layout: str, version:
         random_full_size(CLIPTextModel, text_encoder_config(version), seed + 2),
         version, variant="fp16",
     )
+
+
+def load_ldm_unet_strictly(single: str | os.PathLike):
+    """The LDM U-Net of the yaml beside single-file checkpoint `single`, with the file's U-Net tensors loaded
+    `strict=True` (a missing, extra or misshapen tensor fails)."""
+    import importlib
+
+    import yaml
+
+    from bksdm_ext import io
+    from bksdm_ext.convert import checkpoint
+
+    single = Path(single)
+    params = yaml.safe_load(single.with_suffix(".yaml").read_text())["model"]["params"]["unet_config"]
+    module, name = params["target"].rsplit(".", 1)
+    unet = getattr(importlib.import_module(module), name)(**params["params"])
+    tensors, _ = io.read_safetensors(single)
+    prefix = checkpoint.UNET_PREFIX
+    unet.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    return unet
