@@ -135,6 +135,9 @@ class Proposal:
     reached: bool  # whether the target size was reached
 
     def lines(self) -> list[str]:
+        if not self.removed:  # e.g. `units` scored no removal a layout can make
+            return ["No layout to propose: none of the scored units can be removed as a layout (the mid block, the "
+                    "innermost stage, or a down pair together with an up block of its stage). Score those units."]
         share = self.parameters / self.teacher_parameters
         head = (f"Proposed layout: {self.spec} ({self.parameters:,} U-Net parameters, {share:.1%} of the teacher), "
                 f"estimated damage {self.damage:.5f}.")
