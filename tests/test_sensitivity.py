@@ -183,6 +183,8 @@ def test_only_the_chosen_units_are_scored_and_the_time_of_all_is_estimated(tmp_p
     assert "all 22 units at these settings take about" in (job / "output" / "proposal.txt").read_text()
     with pytest.raises(BKSDMError, match=r"^Unknown unit 'down9\.0' for groups=single: give names such as"):
         _config(rigged, units=["down9.0"]).validate()
+    with pytest.raises(BKSDMError, match=r"^The CLIP weights \S+nowhere\.safetensors are missing: open_clip weights"):
+        _config(rigged, clip_weights=str(tmp_path / "nowhere.safetensors")).validate()
     # units of which no layout can be made: no proposal (and no command that would refuse the whole teacher)
     [line] = analysis.propose({"down0.1": 0.1, "up1.1": 0.2}, dict(tiny_unet().config), 0.7).lines()
     assert line.startswith("No layout to propose: none of the scored units can be removed as a layout")
