@@ -17,8 +17,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .. import detect, layouts
 from ..errors import BKSDMError
 

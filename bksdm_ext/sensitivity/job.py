@@ -144,7 +144,8 @@ def run(config: SensitivityConfig, job_dir: Path, resume: str | None = None) -> 
     (work / "teacher").mkdir(parents=True, exist_ok=True)
     scores_file = work / "scores.json"
     # unit -> "prompt-seed" -> {"pixel_mse": ..., with CLIP also "clip_score", "clip_image_similarity"}
-    scores: dict[str, dict[str, dict[str, float]]] = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
+    scores: dict[str, dict[str, dict[str, float]]] = (json.loads(scores_file.read_text()) if scores_file.is_file()
+                                                       else {})
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     pipe = bench.load_pipeline(config.teacher, device)
