@@ -55,18 +55,12 @@ def main(argv=None) -> int:
     from bksdm_ext.timings import device as device_info
     from bksdm_ext.timings.protocol import Protocol
     from bksdm_ext.timings.store import TimingStore, new_record_id
-    from tiny import write_full_size_pipeline
+    from tiny import full_size_pipeline
 
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="bksdm-few-step-"))
-    folders = {}
-    for name, layout in (("sd-v1", "teacher"), ("bk-small", "small")):
-        folders[name] = work / name
-        if not (folders[name] / "model_index.json").is_file():
-            print(f"writing a full-size random {name} pipeline into {folders[name]}", flush=True)
-            write_full_size_pipeline(folders[name], layout, "v1")
-            for variant in folders[name].glob("*/*.fp16.safetensors"):  # the engine reads the plain file names
-                variant.rename(variant.with_name(variant.name.replace(".fp16", "")))
+    folders = {name: full_size_pipeline(work / name, layout) for name, layout in (("sd-v1", "teacher"),
+                                                                                  ("bk-small", "small"))}
     # Rounds: each round measures one image of every row, so a change of the machine's load during the
     # run touches every row alike. One pipeline is in memory at a time; the model order alternates.
     protocols = {label: Protocol(width=args.size, height=args.size, steps=steps, sampler=sampler, cfg_scale=cfg,

@@ -168,3 +168,14 @@ def write_full_size_pipeline(directory: str | os.PathLike, layout: str, version:
         random_full_size(CLIPTextModel, text_encoder_config(version), seed + 2),
         version, variant="fp16",
     )
+
+
+def full_size_pipeline(folder: str | os.PathLike, layout: str, version: str = "v1") -> Path:
+    """`folder`, holding a full-size random pipeline of `layout` in plain file names (written once, reused)."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        print(f"writing a full-size random {layout} pipeline into {folder}", flush=True)
+        write_full_size_pipeline(folder, layout, version)
+        for variant in folder.glob("*/*.fp16.safetensors"):  # the engines read the plain file names
+            variant.rename(variant.with_name(variant.name.replace(".fp16", "")))
+    return folder
