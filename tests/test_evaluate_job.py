@@ -14,6 +14,7 @@ from tiny_metrics import write_tiny_clip, write_tiny_inception
 from bksdm_ext import kinds
 from bksdm_ext.cli import main
 from bksdm_ext.errors import BKSDMError
+from bksdm_ext.job import JobFolder
 
 pytestmark = pytest.mark.slow
 
@@ -187,3 +188,103 @@ def test_the_tab_form_and_the_cli_come_from_the_same_settings():
         assert s.labelled and s.group in job_config.GROUPS, s.name
     args = cli.build_parser().parse_args(["evaluate", "teacher", "student", "--limit", "5", "--metrics", "fid,is"])
     assert (args.setting_models, args.setting_limit, args.setting_metrics) == (["teacher", "student"], 5, "fid,is")
+
+
+# --- a training job's checkpoints, evaluated directly ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_pipeline_v1, tmp_path_factory):
+    """A tiny distill job run to the end through the runner: checkpoints step-2 and step-4, and its output."""
+    from jobs_helpers import tiny_distill_values, write_tiny_dataset
+
+    root = tmp_path_factory.mktemp("distilled")
+    runner = make_runner(root / "data", kinds={"distill": kinds.get("distill"), "evaluate": kinds.get("evaluate")})
+    values = {**tiny_distill_values(tiny_pipeline_v1, write_tiny_dataset(root / "dataset"), steps=4),
+              "sample_every": 0, "ema_decay": 0.5}
+    try:
+        job = wait_for(runner, runner.submit("distill", values).id, ("done", "failed"), timeout=300)
+        assert job.state == "done", runner.log_tail(job.id)
+        yield runner, Path(job.folder)
+    finally:
+        runner.close()
+
+
+def test_a_distill_jobs_checkpoints_are_evaluated_one_by_one_beside_its_teacher(distilled, tiny_pipeline_v1,
+                                                                                 weights, tmp_path):
+    runner, job_dir = distilled
+    assert [p.name for p in JobFolder(job_dir).complete_checkpoints()] == ["step-2", "step-4"]
+    output = next(p for p in (job_dir / "output").iterdir() if p.is_dir())  # the exported (EMA) student
+    values = {"models": [str(tiny_pipeline_v1), str(job_dir), str(output)],
+              "prompts": str(write_prompts(tmp_path / "p.txt", 3)), "metrics": "is,teacher-distance",
+              "inception": weights["inception"], **TINY}
+    evaluation = wait_for(runner, runner.submit("evaluate", values).id, ("done", "failed"), timeout=300)
+    assert evaluation.state == "done", runner.log_tail(evaluation.id)
+    folder = Path(evaluation.folder)
+    results = json.loads((folder / "results.json").read_text())
+    names = [m["name"] for m in results["models"]]
+    assert names == [tiny_pipeline_v1.name, f"{job_dir.name} step-2", f"{job_dir.name} step-4", output.name]
+    teacher, step2, step4, exported = results["models"]
+    assert teacher["role"] == "teacher" and teacher["pixel_mse"] == 0
+    assert {step2["layout"], step4["layout"]} == {"tiny"} and step2["source"] == str(job_dir / "checkpoints/step-2")
+    assert step2["pixel_mse"] > 0 and step4["pixel_mse"] > 0 and step2["pixel_mse"] != step4["pixel_mse"]
+    assert step2["hash"] != step4["hash"] and all(m["is"] >= 1 for m in results["models"])
+    # the last checkpoint is the model the job exported: its EMA weights in the teacher's pipeline
+    assert step4["pixel_mse"] == pytest.approx(exported["pixel_mse"], abs=0)
+    for i in range(3):
+        assert np.array_equal(np.asarray(Image.open(folder / "images" / "m2" / f"{i:05d}.png")),
+                              np.asarray(Image.open(folder / "images" / "m3" / f"{i:05d}.png")))
+    assert "with the EMA weights of" in runner.log_tail(evaluation.id, 1 << 20)
+
+    # one checkpoint named directly; the history names each checkpoint of each evaluation
+    values = {**values, "models": [str(tiny_pipeline_v1), str(job_dir / "checkpoints" / "step-2")]}
+    second = wait_for(runner, runner.submit("evaluate", values).id, ("done", "failed"), timeout=300)
+    assert second.state == "done", runner.log_tail(second.id)
+    again = json.loads((Path(second.folder) / "results.json").read_text())["models"][1]
+    assert again["name"] == f"{job_dir.name} step-2" and again["pixel_mse"] == step2["pixel_mse"]
+    assert main(["evaluations", str(runner.data_dir / "jobs")]) == 0
+    from bksdm_ext.evaluate import results as results_module
+
+    rows = results_module.history([runner.data_dir / "jobs"])
+    assert [r["model"] for r in rows if r["role"] == "student"] == [
+        f"{job_dir.name} step-2", f"{job_dir.name} step-4", output.name, f"{job_dir.name} step-2"]
+
+
+def test_a_folder_that_is_no_model_nor_a_complete_checkpoint_is_refused_in_one_line(distilled, tiny_pipeline_v1,
+                                                                                     tmp_path):
+    import shutil
+
+    _, job_dir = distilled
+    evaluate = kinds.get("evaluate")
+    teacher = str(tiny_pipeline_v1)
+    partial = job_dir / "checkpoints" / ".tmp-step-6"
+    shutil.copytree(job_dir / "checkpoints" / "step-4", partial)
+    (partial / "state.json").unlink()
+    unfinished = tmp_path / "other" / "checkpoints" / "step-9"
+    shutil.copytree(job_dir / "checkpoints" / "step-2", unfinished)
+    shutil.copy(job_dir / "config.toml", tmp_path / "other" / "config.toml")
+    (unfinished / "state.json").unlink()
+    empty = tmp_path / "empty-job"
+    empty.mkdir()
+    shutil.copy(job_dir / "config.toml", empty / "config.toml")
+    convert = tmp_path / "convert-job"
+    convert.mkdir()
+    (convert / "config.toml").write_text('kind = "convert"\n')
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    try:
+        for model, message in ((partial, "not completely written"), (unfinished, "not completely written"),
+                               (empty, "has no complete checkpoint yet"), (convert, "is a convert job folder"),
+                               (plain, "neither a diffusers pipeline folder")):
+            with pytest.raises(BKSDMError, match=message) as caught:
+                evaluate.build_config({"models": [teacher, str(model)], "metrics": "teacher-distance"})
+            assert "\n" not in str(caught.value)
+        # the job's folder expands to complete checkpoints only, and its checkpoints/ folder means the same
+        config = evaluate.build_config({"models": [teacher, str(job_dir / "checkpoints")]})
+        assert config.model_count() == 3 and config.metric_names() == ("teacher-distance",)
+        from bksdm_ext.evaluate.sources import expand
+
+        assert expand([teacher, str(job_dir)]) == [teacher, *(str(job_dir / "checkpoints" / s)
+                                                              for s in ("step-2", "step-4"))]
+    finally:
+        shutil.rmtree(partial)
