@@ -10,10 +10,12 @@ import pytest
 from jobs_helpers import make_runner, wait_for
 from PIL import Image
 from tiny_metrics import write_tiny_clip, write_tiny_inception
+from train_helpers import one_thread  # noqa: F401 - a fixture
 
 from bksdm_ext import kinds
 from bksdm_ext.cli import main
 from bksdm_ext.errors import BKSDMError
+from bksdm_ext.evaluate.config import EvaluateConfig
 from bksdm_ext.job import JobFolder
 
 pytestmark = pytest.mark.slow
@@ -288,3 +290,61 @@ def test_a_folder_that_is_no_model_nor_a_complete_checkpoint_is_refused_in_one_l
                                                               for s in ("step-2", "step-4"))]
     finally:
         shutil.rmtree(partial)
+
+
+def _diffusers_weights(component: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(next(component.glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize("kind", ["dreambooth-full", "dreambooth-lora", "lcm-lora"])
+def test_dreambooth_and_lcm_checkpoints_load_as_the_model_their_job_exports(kind, tiny_pipeline_v1, tmp_path,
+                                                                           one_thread):
+    """The pipeline of a job's last checkpoint holds what the job exported: the fine-tuned U-Net and text encoder,
+    or the base model with the job's LoRA adapters (the same numbers as its diffusers LoRA file)."""
+    import torch
+    from train_helpers import small_settings, write_images
+
+    from bksdm_ext.evaluate import sources
+    from bksdm_ext.timings import bench
+    from bksdm_ext.train import dreambooth, lcm_distill
+    from bksdm_ext.train.config import DreamBoothConfig
+    from bksdm_ext.train.lcm_distill import LcmConfig
+
+    job = tmp_path / "job"
+    common = small_settings(max_steps=2, checkpoint_every=2, learning_rate=1e-2, sample_prompts=[], lora_rank=4,
+                            lora_alpha=4.0, train_batch_size=1)
+    if kind.startswith("dreambooth"):
+        mode = kind.split("-")[1]
+        config = DreamBoothConfig(base_model=str(tiny_pipeline_v1), mode=mode, output_name="dog",
+                                  prior_preservation=False, text_lora_rank=4, text_lora_alpha=4.0,
+                                  instance_data=str(write_images(tmp_path / "photos", 2, metadata=False)), **common)
+        train = dreambooth.train
+    else:
+        config = LcmConfig(model=str(tiny_pipeline_v1), data=str(write_images(tmp_path / "data", 2)),
+                           output_name="dog", **common)
+        train = lcm_distill.train
+    config.validate()
+    assert train(config, job) == "done"
+    config.save(JobFolder(job).config)  # as the runner and the CLI write it
+
+    pipe = sources.load(str(job / "checkpoints" / "step-2"), "cpu")
+    assert pipe.name == "job step-2" and pipe.layout == "sd"
+    base = bench.load_pipeline(tiny_pipeline_v1, "cpu")
+    if kind == "dreambooth-full":
+        for part in ("unet", "text_encoder"):
+            exported = _diffusers_weights(job / "output" / "dog" / part)
+            loaded = getattr(pipe, part).state_dict()
+            assert all(torch.equal(loaded[k], v) for k, v in exported.items()), part
+            assert any(not torch.equal(getattr(base, part).state_dict()[k], v) for k, v in exported.items()), part
+    else:
+        exported = _diffusers_weights(job / "output" / "dog-diffusers")
+        loaded = {f"{part}.{k.replace('.default', '')}": v for part in ("unet", "text_encoder")
+                  for k, v in getattr(pipe, part).state_dict().items() if "lora_" in k}
+        assert set(exported) == set(loaded) and all(torch.equal(loaded[k], v) for k, v in exported.items())
+        assert any(k.startswith("text_encoder.") for k in exported) == (kind == "dreambooth-lora")
+    # and it generates through the benchmark's engine, unlike the base model
+    protocol = EvaluateConfig(models=["x"], **{**TINY, "steps": 1}).protocol()
+    image = bench.Generator(pipe)(protocol, [1], prompts=["a dog"])[0]
+    assert not torch.equal(image, bench.Generator(base)(protocol, [1], prompts=["a dog"])[0])
