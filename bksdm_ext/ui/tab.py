@@ -684,7 +684,7 @@ def _jobs(context: TabContext):
         evaluation_table = gr.HTML(elem_id="bksdm_evaluation_table")
         with gr.Row():
             evaluation_grid = gr.Image(label="The same prompts: teacher | students", type="filepath",
-                                       interactive=False, elem_id="bksdm_evaluation_grid")
+                                       interactive=False, height=360, elem_id="bksdm_evaluation_grid")
             with gr.Column():
                 evaluation_csv = gr.File(label="Download results.csv", interactive=False,
                                          elem_id="bksdm_evaluation_csv")
