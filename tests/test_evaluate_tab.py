@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pytest
-from jobs_helpers import make_runner, queued_request, tiny_distill_values, write_tiny_dataset
+from jobs_helpers import make_runner, tiny_distill_values, write_tiny_dataset
 from PIL import Image
+from test_tab_forms import OWN, by_id, handler
 
 from bksdm_ext import kinds
 from bksdm_ext.evaluate import results
@@ -19,8 +19,6 @@ from bksdm_ext.jobs.guard import AccessGuard
 from bksdm_ext.ui.app import known_checkpoints
 from bksdm_ext.ui.tab import TabContext, build_tab, evaluation_view, job_models, pick_models
 
-OWN = queued_request(None)
-
 
 @pytest.fixture
 def held(tmp_path):
@@ -28,18 +26,6 @@ def held(tmp_path):
     r = make_runner(tmp_path / "data", kinds=kinds.all(), max_gpu_jobs=0)
     yield r
     r.close()
-
-
-def by_id(tab, elem_id):
-    return next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == elem_id)
-
-
-def handler(tab, elem_id, event="click"):
-    target = by_id(tab, elem_id)._id
-    for dep, fn in zip(tab.dependencies, tab.fns):
-        if target in dep["targets"] and dep["trigger"] == event:
-            return fn.fn
-    raise KeyError(elem_id)
 
 
 def distill_job_with_checkpoints(runner, teacher, tmp_path, steps=(2, 4)):
