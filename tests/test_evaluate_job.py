@@ -288,6 +288,11 @@ def test_a_folder_that_is_no_model_nor_a_complete_checkpoint_is_refused_in_one_l
 
         assert expand([teacher, str(job_dir)]) == [teacher, *(str(job_dir / "checkpoints" / s)
                                                               for s in ("step-2", "step-4"))]
+        # a checkpoint removed after the list was made (a running job keeps its newest few): said so
+        from bksdm_ext.evaluate.sources import load
+
+        with pytest.raises(BKSDMError, match="is gone"):
+            load(str(job_dir / "checkpoints" / "step-99"), "cpu")
     finally:
         shutil.rmtree(partial)
 

@@ -142,8 +142,16 @@ def load(source: str, device, dtype=None):
 
     checkpoint = as_checkpoint(source)
     if checkpoint is None:
+        path = Path(source).expanduser()
+        if path.parent.name == "checkpoints" and checkpoint_step(path) is not None and not path.exists():
+            raise _gone(path)
         return load_pipeline(source, device, dtype)
     return load_checkpoint(checkpoint, device, dtype)
+
+
+def _gone(path: Path) -> BKSDMError:
+    return BKSDMError(f"{path} is gone (its job keeps only its newest checkpoints_keep): resume this evaluation "
+                      "if it was given the job's folder (it then takes the checkpoints there are), or give another.")
 
 
 def load_checkpoint(checkpoint: JobCheckpoint, device, dtype=None):
@@ -158,9 +166,8 @@ def load_checkpoint(checkpoint: JobCheckpoint, device, dtype=None):
     modules = _prepare_modules(checkpoint.kind, config, pipe)
     try:
         weights, group = exported_weights(checkpoint.path)
-    except (OSError, FileNotFoundError):  # removed meanwhile: the job keeps its newest checkpoints_keep only
-        raise BKSDMError(f"{checkpoint.path} is gone (the job keeps only its newest checkpoints): evaluate the job "
-                         "folder again, or set its checkpoints_keep higher.") from None
+    except OSError:  # removed meanwhile: a running job keeps its newest checkpoints_keep only
+        raise _gone(checkpoint.path) from None
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         module, _, param = key.partition(".")
