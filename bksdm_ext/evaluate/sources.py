@@ -57,7 +57,8 @@ def _trained_job(path: Path, source: str) -> str:
     """The kind of a training job's folder; a BKSDMError for a job of another kind."""
     kind = job_kind(path)
     if kind not in BASE_SETTING:
-        raise BKSDMError(f"{source} is {'a ' + kind if kind else 'a'} job folder without checkpoints of a model "
+        what = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}" if kind else "a"
+        raise BKSDMError(f"{source} is {what} job folder without checkpoints of a model "
                          f"(only {', '.join(BASE_SETTING)} jobs have them): give its output model instead.")
     return kind
 
