@@ -205,3 +205,53 @@ def test_distill_from_the_browser(browser, app, tiny_pipeline_v1, tmp_path):
     page.locator("#bksdm_delete_confirm").click()
     wait_page(lambda: "Deleted" in page.locator("#bksdm_action_result").first.inner_text(), 30, "the deletion", page)
     assert not job_folder.exists()
+
+
+def test_evaluate_from_the_browser(browser, app, tiny_pipeline_v1, tmp_path):
+    """Two tiny models picked from the list in the Evaluate form (the first the teacher); the finished
+    evaluation's table, the paper's numbers, the grid, the CSV and the history in the Jobs view."""
+    from bksdm_ext.pipeline_folder import load_unet, write_student_folder
+    from bksdm_ext.student import build_student
+
+    url, data_dir = app
+    models = data_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    (models / "tiny-teacher").symlink_to(tiny_pipeline_v1, target_is_directory=True)
+    unet, root = load_unet(tiny_pipeline_v1)
+    write_student_folder(build_student(unet, "small")[0], models / "tiny-small", root)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+
+    page = browser.new_page(viewport={"width": 1366, "height": 768})
+    page.goto(url)
+    page.locator("#bksdm_tabs button", has_text="Evaluate").first.click()
+    check_form_height(page, "evaluate", 768, ARTIFACTS)
+    assert "the first line is the teacher" in page.locator("#bksdm_evaluate_models").inner_text()
+    page.locator("#bksdm_evaluate_models_refresh").click()
+    page.wait_for_timeout(1000)
+    for title in ("models/tiny-teacher", "models/tiny-small"):
+        pick(page, "bksdm_evaluate_models_pick", title)
+    box = page.locator("#bksdm_evaluate_models textarea")
+    wait_page(lambda: box.input_value() == "models/tiny-teacher\nmodels/tiny-small", 30, "the picked models", page)
+    for field, value in {"prompts": prompts, "metrics": "teacher-distance", "steps": 2, "resolution": 64,
+                         "eval_size": 64, "grid_prompts": 2}.items():
+        page.locator(f"#bksdm_evaluate_{field}").locator("textarea, input").first.fill(str(value))
+    pick(page, "bksdm_evaluate_device", "cpu")
+    page.locator("#bksdm_launch_evaluate").click()
+    result = page.locator("#bksdm_launch_result_evaluate .bksdm-message")
+    wait_page(lambda: result.count() and ("is running" in result.inner_text() or "is queued" in result.inner_text()),
+              60, "the launch", page)
+
+    page.locator("button", has_text="Jobs").first.click()
+    wait_page(lambda: state_of(page) == "done", 300, "the evaluation to finish", page)
+    table = page.locator("#bksdm_evaluation_models")
+    wait_page(lambda: table.count() and table.is_visible(), 60, "the results", page)
+    text = page.locator("#bksdm_evaluation_table").first.inner_text()
+    assert "tiny-teacher (teacher)" in text and "tiny-small (student)" in text and "pixel MSE vs teacher" in text
+    assert "N = 2 images per model" in text and "PNDM, 2 steps" in text
+    assert "For reference only (published in the BK-SDM paper" in text and "paper: SD-v1.4" in text
+    wait_page(lambda: page.locator("#bksdm_evaluation_grid img").count() > 0, 30, "the grid", page)
+    assert "results.csv" in page.locator("#bksdm_evaluation_csv").first.inner_text()
+    assert "tiny-small" in page.locator("#bksdm_evaluation_history_table").first.inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "bksdm-app-evaluate.png"), full_page=True)

@@ -100,6 +100,10 @@ class TabContext:
         except BKSDMError:
             return {}
 
+    def launch_sources(self) -> dict[str, str]:
+        """What a launched form's model titles stand for: the checkpoint list and the training jobs (`job_models`)."""
+        return {**self.model_sources(), **job_models(self.runner)}
+
     def timings_path(self) -> Path:
         return self.timings_store() if self.timings_store else self.runner.data_dir / "timings.sqlite3"
 
@@ -125,6 +129,10 @@ def form_groups(fields: list[Setting]) -> list[tuple[str, list[Setting], list[Se
 
 def _component(field: Setting, kind: str, context: "TabContext") -> gr.components.Component:
     label, elem_id = field.label, f"bksdm_{kind}_{field.name}"
+    if field.kind == "model" and field.type in ("list", "tuple"):  # several models, in order: `_models_picker`
+        return gr.Textbox(value="\n".join(map(str, field.default or [])), label=label, lines=3, max_lines=10,
+                          info=f"{field.help} One a line, the first line is the teacher. Add them from the list "
+                               "below, or type paths on the server.", elem_id=elem_id)
     if field.kind == "model":
         choices = list(context.model_sources())
         return gr.Dropdown(choices, value=field.default or None, label=label, allow_custom_value=True,
@@ -211,6 +219,8 @@ def form_values(fields: list[Setting], raw: list[Any], sources: dict[str, str] |
                 value = int(value)
         elif field.type in ("list", "tuple"):
             value = [line.strip() for line in str(value or "").splitlines() if line.strip()]
+            if field.kind == "model":
+                value = [(sources or {}).get(line, line) for line in value]
         elif field.kind == "model":
             value = (sources or {}).get(value, value) or ""
         values[field.name] = value
@@ -278,7 +288,7 @@ def _presets(context: TabContext, kind: Kind, cls: type, fields: list[Setting], 
         def act():
             context.check(request, "Saving a preset")
             path = presets.save_user(context.runner.data_dir, cls, preset_name,
-                                     form_values(fields, list(raw), context.model_sources()))
+                                     form_values(fields, list(raw), context.launch_sources()))
             return f"Saved the recipe as {presets.check_name(preset_name)!r} ({path})."
         message = _guarded(act)
         return message, gr.update(choices=titles + presets.user_presets(context.runner.data_dir, kind.name))
@@ -342,7 +352,7 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
         def check_click(request: gr.Request, *raw):
             try:
                 context.check(request, "Reading a server folder")
-                text, images = data_report(form_values(fields, list(raw), context.model_sources()))
+                text, images = data_report(form_values(fields, list(raw), context.launch_sources()))
             except BKSDMError as error:
                 return _message(str(error), False), gr.update(visible=False, value=None)
             return _message(text, True), gr.update(visible=bool(images), value=images)
@@ -363,7 +373,7 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
 
         def act():
             context.check(request, "Launching a job")
-            return launch_job(form_values(fields, list(raw), context.model_sources()), made)
+            return launch_job(form_values(fields, list(raw), context.launch_sources()), made)
         message = _guarded(act)
         return message, made[0]
 
@@ -381,7 +391,7 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
                     raise BKSDMError("No checkpoint is selected in the WebUI: pick one in its checkpoint list "
                                      "first, or choose the model in this form and launch.")
                 sources = context.model_sources()
-                values = form_values(fields, list(raw), sources)
+                values = form_values(fields, list(raw), {**sources, **job_models(context.runner)})
                 values[current_setting] = str(current)
                 # the form then names what was launched: the list's title for that file
                 shown[0] = next((t for t, f in sources.items() if Path(f) == Path(current)), str(current))
@@ -403,6 +413,8 @@ def _rows(context: TabContext, fields: list[Setting], components: dict, kind: st
                         components[field.name] = box = _component(field, kind, context)
                         if field.kind == "folder":
                             _folder_picker(context, box, field, kind)
+                        elif field.type in ("list", "tuple"):
+                            _models_picker(context, box, kind, field)
                         else:
                             _model_refresh(context, box, kind, field)
                 else:
@@ -417,6 +429,57 @@ def _model_refresh(context: TabContext, box, kind: str, field: Setting) -> None:
         return gr.update(choices=list(context.model_sources(refresh=True)))
 
     refresh.click(again, outputs=[box])
+
+
+def job_models(runner: Runner) -> dict[str, str]:
+    """The training jobs a model picker of several models offers, title -> path: a job with complete
+    checkpoints (its folder: each of them; and each one alone) and a job's finished diffusers model."""
+    from ..evaluate.sources import BASE_SETTING
+
+    out: dict[str, str] = {}
+    for job in runner.list():
+        if job.kind not in BASE_SETTING:
+            continue
+        folder = JobFolder(job.folder)
+        checkpoints = folder.complete_checkpoints()
+        if checkpoints:
+            out[f"job {job.id}: each checkpoint"] = str(folder.root)
+            out.update((f"job {job.id}: {c.name}", str(c)) for c in checkpoints)
+        if job.state == "done" and folder.output.is_dir():
+            out.update((f"job {job.id}: output {p.parent.parent.name}", str(p.parent.parent))
+                       for p in sorted(folder.output.glob("*/unet/config.json")))
+    return out
+
+
+def pick_models(text: str, picked: list[str], before: list[str]) -> str:
+    """The models box after the picker changed from `before` to `picked`: titles picked now are added as lines
+    (in the order picked), titles unpicked are removed, typed lines stay where they are."""
+    lines = [line for line in str(text or "").splitlines() if line.strip()]
+    removed = set(before or []) - set(picked or [])
+    lines = [line for line in lines if line.strip() not in removed]
+    lines += [title for title in picked or [] if title not in {line.strip() for line in lines}]
+    return "\n".join(lines)
+
+
+def _models_picker(context: TabContext, box: gr.Textbox, kind: str, field: Setting) -> None:
+    """Under a box of several models: the checkpoint list (and the training jobs) to add from, several at once,
+    with its refresh; the box keeps their order and any typed path."""
+    choices = lambda refresh=False: [*context.model_sources(refresh), *job_models(context.runner)]  # noqa: E731
+    picker = gr.Dropdown(choices(), value=[], multiselect=True, label="Add from the checkpoint list and the jobs",
+                         info="A training job stands for each of its checkpoints, or pick one checkpoint.",
+                         elem_id=f"bksdm_{kind}_{field.name}_pick")
+    before = gr.State([])
+    refresh = gr.Button("Refresh the list", size="sm", elem_id=f"bksdm_{kind}_{field.name}_refresh")
+
+    def picked(text, chosen, previous):
+        return pick_models(text, chosen, previous), list(chosen or [])
+
+    def again(request: gr.Request):
+        context.check_read(request)
+        return gr.update(choices=choices(refresh=True))
+
+    picker.input(picked, inputs=[box, picker, before], outputs=[box, before])
+    refresh.click(again, outputs=[picker])
 
 
 # --- the job views -----------------------------------------------------------------------------
@@ -540,6 +603,45 @@ def job_checkpoint(runner: Runner, job_id: str) -> Path | None:
     return next((p for p in files if p.is_file()), None)
 
 
+def _html_table(header: list[str], rows: list[list[str]], elem_id: str = "") -> str:
+    cells = lambda tag, row: "".join(f"<{tag} style='padding: 2px 8px; text-align: left'>{html.escape(str(c))}</{tag}>"  # noqa: E731
+                                     for c in row)
+    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
+    return (f"<table{f' id={elem_id!r}' if elem_id else ''} style='border-collapse: collapse; margin: 4px 0'>"
+            f"<thead><tr>{cells('th', header)}</tr></thead><tbody>{body}</tbody></table>")
+
+
+@dataclass
+class EvaluationView:
+    """What the Jobs view shows of a finished evaluation, all from its results.json (`evaluate.results`)."""
+    table: str  # HTML: N and the protocol, model x metric, the paper's numbers labelled as the paper's
+    grid: str | None  # grid.png: the same prompts, teacher | students
+    csv: str | None  # results.csv
+    history: str  # HTML: every evaluated model of every evaluation in the runner's jobs folder
+
+
+def evaluation_view(folder: str | os.PathLike, history_roots: list) -> EvaluationView | None:
+    """The results of the evaluate job in `folder`; None before it has any."""
+    from ..evaluate import results
+
+    table = results.load(folder)
+    if table is None:
+        return None
+    header, rows = results.model_table(table)
+    note, paper_header, paper = results.paper_table()
+    lines = "".join(f"<div>{html.escape(line)}</div>" for line in results.protocol_lines(table))
+    shown = (f"<div class='bksdm-evaluation'>{lines}{_html_table(header, rows, 'bksdm_evaluation_models')}"
+             f"<div style='opacity: .75; margin-top: 8px'>{html.escape(note)}</div>"
+             f"{_html_table(paper_header, paper, 'bksdm_evaluation_paper')}</div>")
+    history = results.history(history_roots)
+    history_header, history_rows = results.history_table(history)
+    past = (f"<div><b>History of evaluations</b> ({len(history)} models; <code>bksdm evaluations</code> prints the "
+            f"same)</div>{_html_table(history_header, history_rows, 'bksdm_evaluation_history_table')}")
+    grid, csv_file = Path(folder) / "grid.png", Path(folder) / "results.csv"
+    return EvaluationView(shown, str(grid) if grid.is_file() else None, str(csv_file) if csv_file.is_file() else None,
+                          past)
+
+
 def buttons_for(view: dict | None, can_use: bool) -> dict[str, bool]:
     """Which job buttons are active for the selected job's state."""
     state = view["state"] if view else None
@@ -578,6 +680,15 @@ def _jobs(context: TabContext):
         with gr.Column(scale=1):
             gallery = gr.Gallery(label="Validation samples: the teacher's image, then the student's", columns=4,
                                  object_fit="contain", elem_id="bksdm_samples")
+    with gr.Column(visible=False, elem_id="bksdm_evaluation") as evaluation_box:  # a finished evaluate job
+        evaluation_table = gr.HTML(elem_id="bksdm_evaluation_table")
+        with gr.Row():
+            evaluation_grid = gr.Image(label="The same prompts: teacher | students", type="filepath",
+                                       interactive=False, height=360, elem_id="bksdm_evaluation_grid")
+            with gr.Column():
+                evaluation_csv = gr.File(label="Download results.csv", interactive=False,
+                                         elem_id="bksdm_evaluation_csv")
+                evaluation_history = gr.HTML(elem_id="bksdm_evaluation_history")
     log_tail = gr.Textbox(label="Log", lines=14, max_lines=14, interactive=False, elem_id="bksdm_log",
                           show_copy_button=True)
     done_marker = gr.Textbox(visible=False, elem_id="bksdm_done_marker")
@@ -608,10 +719,18 @@ def _jobs(context: TabContext):
         outputs.append(" ".join(v["id"] for v in views if v["state"] == "done"))
         active = buttons_for(view, context.use_checkpoint is not None)
         outputs += [gr.update(interactive=active[name]) for name in buttons]
-        shown.update(ids=ids, job=job_id, plot=(job_id, len(losses)), samples=(job_id, samples))
+        evaluation = _evaluation_key(view)
+        if evaluation == shown.get("evaluation"):
+            outputs += [gr.update()] * 5
+        else:
+            result = evaluation_view(view["folder"], [runner.jobs_dir]) if evaluation else None
+            outputs += [gr.update(visible=True), result.table, result.grid, result.csv, result.history] if result \
+                else [gr.update(visible=False), "", None, None, ""]
+        shown.update(ids=ids, job=job_id, plot=(job_id, len(losses)), samples=(job_id, samples), evaluation=evaluation)
         return [*outputs, shown]
 
-    views_out = [handoff, table, selected, status, log_tail, plot, gallery, done_marker, *buttons.values(), seen]
+    views_out = [handoff, table, selected, status, log_tail, plot, gallery, done_marker, *buttons.values(),
+                 evaluation_box, evaluation_table, evaluation_grid, evaluation_csv, evaluation_history, seen]
     refresh.click(update, inputs=[selected, seen], outputs=views_out)
     selected.input(update, inputs=[selected, seen], outputs=views_out)
 
@@ -667,6 +786,16 @@ def _jobs(context: TabContext):
     for button in (confirm, keep):
         button.click(lambda: gr.update(visible=False), outputs=[confirm_row])
     return selected, seen, update, views_out
+
+
+def _evaluation_key(view: dict | None):
+    """What the shown results depend on: a finished evaluation's results.json (and the history's), None else."""
+    if not view or view["kind"] != "evaluate" or view["state"] != "done":
+        return None
+    try:
+        return view["id"], (Path(view["folder"]) / "results.json").stat().st_mtime_ns, time.time() // 30
+    except OSError:
+        return None
 
 
 def use_in_txt2img(context: TabContext, job_id: str) -> str:
