@@ -78,6 +78,17 @@ def fill(page, kind: str, field: str, value) -> None:
         root.locator("textarea, input").first.fill("\n".join(value) if isinstance(value, list) else str(value))
 
 
+def check_data(page, kind: str, dataset, prefix: str = "bksdm-app") -> str:
+    """Type the data folder, press Check data, see its report and the 4 thumbnails of the tiny dataset."""
+    fill(page, kind, "data", str(dataset))
+    page.locator(f"#bksdm_{kind}_check").click()
+    report = page.locator(f"#bksdm_{kind}_check_result").first
+    wait_page(lambda: "4 images with captions" in report.inner_text(), 60, "the data check", page, prefix)
+    wait_page(lambda: page.locator(f"#bksdm_{kind}_thumbnails img").count() == 4, 60, "the thumbnails", page,
+              prefix)
+    return report.inner_text()
+
+
 def open_accordions(page, kind: str) -> None:
     """Open the form's closed accordions (its advanced settings)."""
     for accordion in page.locator(f"#bksdm_tab_{kind} .label-wrap").all():

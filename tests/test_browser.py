@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from browser_helpers import (ARTIFACTS, browser, check_form_height, fill, fraction, open_accordions,  # noqa: F401
-                             pick, raw_names, state_of, visible_labels, wait_page)
+from browser_helpers import browser  # noqa: F401 (a fixture)
+from browser_helpers import (ARTIFACTS, check_data, check_form_height, fill, fraction, open_accordions, pick, raw_names,
+                             state_of, visible_labels, wait_page)
 from jobs_helpers import free_port, tiny_distill_values, wait_until, write_tiny_dataset
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -78,11 +79,7 @@ def test_distill_from_the_browser(browser, app, tiny_pipeline_v1, tmp_path):
     page.wait_for_timeout(1000)
     pick(page, "bksdm_distill_teacher", "models/tiny-teacher")
     dataset = write_tiny_dataset(tmp_path / "dataset")
-    fill(page, "distill", "data", str(dataset))
-    page.locator("#bksdm_distill_check").click()
-    report = page.locator("#bksdm_distill_check_result").first
-    wait_page(lambda: "4 images with captions" in report.inner_text(), 30, "the data check", page)
-    wait_page(lambda: page.locator("#bksdm_distill_thumbnails img").count() == 4, 30, "the thumbnails", page)
+    check_data(page, "distill", dataset)
 
     # enough steps that a person (and this test) can watch it and cancel it midway on a fast machine
     values = tiny_distill_values(tiny_pipeline_v1, dataset, steps=STEPS)

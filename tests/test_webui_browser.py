@@ -18,8 +18,9 @@ import shutil
 import time
 
 import pytest
-from browser_helpers import (ARTIFACTS, browser, check_form_height, fill, fraction, open_accordions,  # noqa: F401
-                             pick, raw_names, state_of, visible_labels, wait_page)
+from browser_helpers import browser  # noqa: F401 (a fixture)
+from browser_helpers import (ARTIFACTS, check_data, check_form_height, fill, fraction, open_accordions, pick, raw_names,
+                             state_of, visible_labels, wait_page)
 from jobs_helpers import write_tiny_dataset
 from test_webui_e2e import WORK, checkpoints, launch  # noqa: F401 (a fixture); skips without a WebUI
 
@@ -134,12 +135,7 @@ def test_distill_in_the_webui_from_the_browser(browser, webui, tmp_path):
     refresh_picker(page, "bksdm_distill_teacher")  # the list as the WebUI has it now
     pick(page, "bksdm_distill_teacher", teacher)
     assert page.locator("#bksdm_distill_teacher input").first.input_value() == teacher
-    dataset = write_tiny_dataset(tmp_path / "dataset")
-    fill(page, "distill", "data", str(dataset))
-    page.locator("#bksdm_distill_check").click()
-    report = page.locator("#bksdm_distill_check_result").first
-    wait(lambda: "4 images with captions" in report.inner_text(), 60, "the data check", page)
-    wait(lambda: page.locator("#bksdm_distill_thumbnails img").count() == 4, 60, "the thumbnails", page)
+    assert "4 images with captions" in check_data(page, "distill", write_tiny_dataset(tmp_path / "dataset"), "webui")
     # the output folder is the WebUI's, so the checkpoint list shows the student
     assert page.locator("#bksdm_distill_output_dir textarea, #bksdm_distill_output_dir input").first.input_value() \
         == str(WORK / "data-browser" / "models" / "Stable-diffusion" / "BK-SDM")
