@@ -469,3 +469,20 @@ def test_a_job_that_makes_a_lora_defaults_to_the_lora_folder_and_the_mode_moves_
     assert by_id(plain, "bksdm_lcm_output_dir").value == ""
     with pytest.raises(KeyError):
         handler(plain, "bksdm_lcm_mode", "change")
+
+
+def test_in_the_webui_each_form_keeps_its_own_defaults(runner, tmp_path):
+    """The WebUI's ui-config keys a field by the tab and its label alone: without care the lcm form showed
+    DreamBooth's Mode (full) and LoRA rank, distill's batch size and learning rate, DreamBooth's folder."""
+    from webui_standins import ui_loadsave
+
+    loras = str(tmp_path / "Lora")
+    outputs = {"output_dir": str(tmp_path / "Stable-diffusion" / "BK-SDM")}
+    tab = build_tab(TabContext(runner, AccessGuard(), lora_output_dir=loras,
+                               form_defaults={name: outputs for name in ("distill", "dreambooth", "lcm", "prune")}))
+    settings = ui_loadsave(tab, "bksdm", {})  # a first start
+    values = {name: by_id(tab, f"bksdm_lcm_{name}").value for name in ("mode", "lora_rank", "train_batch_size",
+                                                                      "sample_steps", "output_dir", "learning_rate")}
+    assert values == {"mode": "lora", "lora_rank": 64, "train_batch_size": 8, "sample_steps": 4, "output_dir": loras,
+                      "learning_rate": ""}
+    assert settings == {}  # nothing of ours is kept in ui-config.json, so no form takes another's values

@@ -872,4 +872,14 @@ def build_tab(context: TabContext) -> gr.Blocks:
 
         for form in filter(None, forms):  # the Jobs view follows the job just launched
             form.launched.then(follow, inputs=[form.job_id, seen], outputs=views_out)
+    _own_values(tab)
     return tab
+
+
+def _own_values(tab: gr.Blocks) -> None:
+    """Keep every form's own defaults in the WebUI. It keeps a tab's values in ui-config.json by the tab's
+    name and each field's label alone (modules/ui_loadsave.py, 1.6-1.10), so the kinds' same-labelled
+    fields (Mode, Learning rate, Output folder...) would all show the first form's values. The tab's
+    saved recipes are its presets. Elsewhere gradio ignores the attribute."""
+    for block in tab.blocks.values():
+        block.do_not_save_to_config = True
