@@ -18,6 +18,8 @@ from browser_helpers import (ARTIFACTS, check_data, check_form_height, fill, fra
                              state_of, visible_labels, wait_page)
 from jobs_helpers import free_port, tiny_distill_values, wait_until, write_tiny_dataset
 
+from bksdm_ext import kinds
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
@@ -60,12 +62,11 @@ def test_distill_from_the_browser(browser, app, tiny_pipeline_v1, tmp_path):
     page.goto(url)
     page.locator("#bksdm_distill_teacher").wait_for()
     # the forms: short with their accordions closed, and labelled for people
-    for kind in ("distill", "dreambooth", "convert"):
-        page.locator("#bksdm_tabs button", has_text={"distill": "Distill", "dreambooth": "DreamBooth",
-                                                    "convert": "Import / Convert"}[kind]).first.click()
+    for kind in kinds.all():
+        page.locator("#bksdm_tabs > .tab-nav button", has_text=kinds.get(kind).title).first.click()
         check_form_height(page, kind, 768, ARTIFACTS)
         assert visible_labels(page) & raw_names() == set()
-    page.locator("#bksdm_tabs button", has_text="Distill").first.click()
+    page.locator("#bksdm_tabs > .tab-nav button", has_text="Distill").first.click()
 
     # the Quick test preset in one choice
     pick(page, "bksdm_distill_preset", "Quick test")
