@@ -33,6 +33,13 @@ def browser():
         browser.close()
 
 
+def tab_kinds() -> list[str]:
+    """The kinds whose forms the tab shows: the built-in ones (tests register more in this process only)."""
+    from bksdm_ext import kinds
+
+    return [name for name in kinds.all() if kinds.is_builtin(name)]
+
+
 def raw_names() -> set[str]:
     """Every config field's raw name, as written and with spaces: no label a person sees may be one."""
     from bksdm_ext import kinds

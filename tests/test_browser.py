@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from browser_helpers import browser  # noqa: F401 (a fixture)
 from browser_helpers import (ARTIFACTS, check_data, check_form_height, fill, fraction, open_accordions, pick, raw_names,
-                             state_of, visible_labels, wait_page)
+                             state_of, tab_kinds, visible_labels, wait_page)
 from jobs_helpers import free_port, tiny_distill_values, wait_until, write_tiny_dataset
 
 from bksdm_ext import kinds
@@ -62,7 +62,7 @@ def test_distill_from_the_browser(browser, app, tiny_pipeline_v1, tmp_path):
     page.goto(url)
     page.locator("#bksdm_distill_teacher").wait_for()
     # the forms: short with their accordions closed, and labelled for people
-    for kind in kinds.all():
+    for kind in tab_kinds():
         page.locator("#bksdm_tabs > .tab-nav button", has_text=kinds.get(kind).title).first.click()
         check_form_height(page, kind, 768, ARTIFACTS)
         assert visible_labels(page) & raw_names() == set()

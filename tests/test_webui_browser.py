@@ -20,7 +20,7 @@ import time
 import pytest
 from browser_helpers import browser  # noqa: F401 (a fixture)
 from browser_helpers import (ARTIFACTS, check_data, check_form_height, fill, fraction, open_accordions, pick, raw_names,
-                             state_of, visible_labels, wait_page)
+                             state_of, tab_kinds, visible_labels, wait_page)
 from jobs_helpers import write_tiny_dataset
 from test_webui_e2e import WORK, checkpoints, launch  # noqa: F401 (a fixture); skips without a WebUI
 
@@ -108,7 +108,7 @@ def generate(page, prompt: str, steps: int | None = None) -> str:
         box = page.locator(f"#{elem_id} input[type=number]").first
         box.fill(str(value))
         box.press("Tab")
-    info = page.locator("#html_info_txt2img")
+    info = page.locator("#html_info_txt2img").first
     before = info.inner_text()
     page.locator("#txt2img_generate").click()
     wait(lambda: info.inner_text().strip() and info.inner_text() != before and "Model:" in info.inner_text(),
@@ -120,7 +120,7 @@ def test_distill_in_the_webui_from_the_browser(browser, webui, tmp_path):
     page = browser.new_page(viewport=VIEWPORT)
     open_tab(page, webui.base)
     # every form: short with its accordions closed, and labelled for people
-    for kind in kinds.all():
+    for kind in tab_kinds():
         form(page, kind)
         check_form_height(page, kind, VIEWPORT["height"], ARTIFACTS, prefix="webui")
         assert visible_labels(page, "#tab_bksdm") & raw_names() == set(), kind
@@ -154,7 +154,7 @@ def test_distill_in_the_webui_from_the_browser(browser, webui, tmp_path):
     # "Use in txt2img" selects the student in the WebUI's dropdown; the page's generation runs it
     page.locator("#bksdm_use").click()
     student = "BK-SDM/browser-student.safetensors"  # its title, and " [hash]" once the WebUI has hashed it
-    wait(lambda: f"Selected {student}" in page.locator("#bksdm_action_result").inner_text(), 60, "the selection", page)
+    wait(lambda: f"Selected {student}" in page.locator("#bksdm_action_result").first.inner_text(), 60, "the selection", page)
     wait(lambda: student in ((webui.get("/bksdm/v1/model").get("loaded") or {}).get("checkpoint") or ""), 600,
          "the WebUI to load the student", page)
     assert webui.get("/sdapi/v1/options")["sd_model_checkpoint"].startswith(student)
@@ -168,7 +168,7 @@ def test_distill_in_the_webui_from_the_browser(browser, webui, tmp_path):
     page.locator("#tabs > .tab-nav button", has_text="BK-SDM").first.click()
     page.locator("#bksdm_tabs > .tab-nav button", has_text="Models").first.click()
     page.locator("#bksdm_models_refresh").click()
-    table = page.locator("#bksdm_models_table")
+    table = page.locator("#bksdm_models_table").first
     wait(lambda: "browser-student" in table.inner_text(), 60, "the student in the Models view", page)
     row = next(r for r in table.locator("tr").all_inner_texts() if "browser-student" in r)
     assert "BK-SDM-Tiny" in row and "323 M" in row and "38%" in row, row
@@ -195,12 +195,12 @@ def test_a_few_step_lora_goes_to_the_lora_folder_and_sets_txt2img(browser, webui
     job_id = launch_from(page, "lcm")
     follow_to_done(page, job_id, 1)
     assert (LORAS / "browser-lcm.safetensors").is_file()
-    assert "LCM sampler, 4 steps" in page.locator("#bksdm_status").inner_text()
+    assert "LCM sampler, 4 steps" in page.locator("#bksdm_status").first.inner_text()
 
     # a LoRA selects no checkpoint; txt2img gets the recommended sampler, steps and CFG
     selected = webui.get("/sdapi/v1/options")["sd_model_checkpoint"]
     page.locator("#bksdm_use").click()
-    wait(lambda: "<lora:browser-lcm:1>" in page.locator("#bksdm_action_result").inner_text(), 60, "the plan", page)
+    wait(lambda: "<lora:browser-lcm:1>" in page.locator("#bksdm_action_result").first.inner_text(), 60, "the plan", page)
     wait(lambda: txt2img_controls(page) == {"sampler": "LCM", "steps": "4", "cfg_scale": "1.5"}, 30,
          "txt2img's controls", page)
     assert webui.get("/sdapi/v1/options")["sd_model_checkpoint"] == selected
