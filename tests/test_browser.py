@@ -56,7 +56,7 @@ def app(tmp_path):
 STEPS = 120
 
 
-def test_distill_from_the_browser(browser, app, tiny_pipeline_v1, tmp_path):
+def test_distill_from_the_browser(app, browser, tiny_pipeline_v1, tmp_path):  # the page closes before the app stops
     url, data_dir = app
     page = browser.new_page(viewport={"width": 1366, "height": 768})
     page.goto(url)
