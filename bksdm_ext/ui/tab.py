@@ -54,6 +54,9 @@ class TabContext:
     # Form defaults that differ where the tab runs, by kind: e.g. in the WebUI, output_dir = its
     # models/Stable-diffusion folder, so a finished model appears in the checkpoint list.
     form_defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # The Output folder of a job while it makes a LoRA file (`lora_switch`), in place of form_defaults'
+    # output_dir: in the WebUI its models/Lora, where its Lora extension finds the file ("" = no such folder).
+    lora_output_dir: str = ""
     # Which pages may press the buttons: the server's own (its Host and Origin; see jobs/origin.py).
     origin: OriginPolicy = dataclasses.field(default_factory=OriginPolicy)
 
@@ -303,7 +306,11 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
     except BKSDMError as error:
         gr.Markdown(str(error))
         return None
-    overrides = context.form_defaults.get(kind.name, {})
+    overrides = dict(context.form_defaults.get(kind.name, {}))
+    switch = lora_switch(fields)
+    checkpoint_folder = overrides.get("output_dir", "")
+    if switch is not None and context.lora_output_dir and switch.default == "lora":
+        overrides["output_dir"] = context.lora_output_dir
     fields = [dataclasses.replace(f, default=overrides[f.name]) if f.name in overrides else f for f in fields]
     components: dict[str, Any] = {}
     preset_row = gr.Column() if any(f.name == "max_steps" for f in fields) else None  # training kinds
@@ -327,6 +334,9 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
                                   elem_id=f"bksdm_{kind.name}_more_{group.split()[0].lower()}"):
                     _rows(context, advanced, components, kind.name)
     ordered = [components[f.name] for f in fields]
+    if switch is not None and context.lora_output_dir and "output_dir" in components:
+        _output_follows_mode(components[switch.name], components["output_dir"], checkpoint_folder,
+                             context.lora_output_dir)
     if preset_row is not None:
         with preset_row:
             _presets(context, kind, cls, fields, ordered)
@@ -401,6 +411,23 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
 
         on_current.click(submit_current, inputs=ordered, outputs=[result, job_id, source_box])
     return Form(launched, job_id)
+
+
+def lora_switch(fields: list[Setting]) -> Setting | None:
+    """The setting whose value "lora" makes a kind's finished model a LoRA file (DreamBooth's and lcm's
+    `mode`), None for kinds that always make checkpoints."""
+    return next((f for f in fields if f.name == "mode" and "lora" in (f.choices or ())), None)
+
+
+def _output_follows_mode(mode, folder, checkpoint_folder: str, lora_folder: str) -> None:
+    """A LoRA goes to the LoRA folder, a checkpoint to the checkpoint folder: switching the mode moves the
+    Output folder between the two defaults; a folder the user typed stays."""
+    def follow(chosen, current):
+        if (current or "") not in (checkpoint_folder, lora_folder):
+            return gr.update()
+        return lora_folder if chosen == "lora" else checkpoint_folder
+
+    mode.change(follow, inputs=[mode, folder], outputs=[folder])
 
 
 def _rows(context: TabContext, fields: list[Setting], components: dict, kind: str, per_row: int = 4) -> None:
@@ -974,4 +1001,14 @@ def build_tab(context: TabContext) -> gr.Blocks:
 
         for form in filter(None, forms):  # the Jobs view follows the job just launched
             form.launched.then(follow, inputs=[form.job_id, seen], outputs=views_out)
+    _own_values(tab)
     return tab
+
+
+def _own_values(tab: gr.Blocks) -> None:
+    """Keep every form's own defaults in the WebUI. It keeps a tab's values in ui-config.json by the tab's
+    name and each field's label alone (modules/ui_loadsave.py, 1.6-1.10), so the kinds' same-labelled
+    fields (Mode, Learning rate, Output folder...) would all show the first form's values. The tab's
+    saved recipes are its presets. Elsewhere gradio ignores the attribute."""
+    for block in tab.blocks.values():
+        block.do_not_save_to_config = True
