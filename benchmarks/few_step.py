@@ -4,9 +4,11 @@ SD + LCM(-LoRA) at 4 steps is a row too (LCM-LoRA for SD-1.5, merged, is SD's U-
 
     python benchmarks/few_step.py [--size 256] [--images 1] [--warmup 1] [--threads 2] [--work DIR]
 
-Every row goes through the project's one generation engine (`bksdm_ext.timings.bench.run_benchmark`,
-what `bksdm bench-generate` runs) into one timing store; the table prints s/image and the ratios to
-SD at 25 steps (the paper's protocol) and at 20 (the Orin protocol).
+Every row goes through the project's one generation engine (`bksdm_ext.timings.bench.measure`, what
+`bksdm bench-generate` runs for each batch) into one timing store; the table prints s/image and the
+ratios to SD at 25 steps (the paper's protocol) and at 20 (the Orin protocol). The rows are measured in
+rounds (one image of every row a round), so a change of the machine's load touches all rows alike; the
+load average at the start and the end is printed with the table.
 
 Models: full-size SD-v1 and BK-SDM-Small pipelines with random weights (nothing is downloaded),
 written once into --work. An LCM model of BK-SDM-Small (a merged LCM-LoRA or a full LCM checkpoint)
@@ -17,6 +19,9 @@ unconditional batch), as few-step models are used. The other rows: DPM++ 2M Karr
 from __future__ import annotations
 
 import argparse
+import gc
+import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -47,31 +52,49 @@ def main(argv=None) -> int:
     import torch
 
     from bksdm_ext.timings import bench
+    from bksdm_ext.timings import device as device_info
     from bksdm_ext.timings.protocol import Protocol
-    from bksdm_ext.timings.store import TimingStore
-    from tiny import write_full_size_pipeline
+    from bksdm_ext.timings.store import TimingStore, new_record_id
+    from tiny import full_size_pipeline
 
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="bksdm-few-step-"))
-    folders = {}
-    for name, layout in (("sd-v1", "teacher"), ("bk-small", "small")):
-        folders[name] = work / name
-        if not (folders[name] / "model_index.json").is_file():
-            print(f"writing a full-size random {name} pipeline into {folders[name]}", flush=True)
-            write_full_size_pipeline(folders[name], layout, "v1")
-            for variant in folders[name].glob("*/*.fp16.safetensors"):  # the engine reads the plain file names
-                variant.rename(variant.with_name(variant.name.replace(".fp16", "")))
-    seconds = {}
+    folders = {name: full_size_pipeline(work / name, layout) for name, layout in (("sd-v1", "teacher"),
+                                                                                  ("bk-small", "small"))}
+    # Rounds: each round measures one image of every row, so a change of the machine's load during the
+    # run touches every row alike. One pipeline is in memory at a time; the model order alternates.
+    protocols = {label: Protocol(width=args.size, height=args.size, steps=steps, sampler=sampler, cfg_scale=cfg,
+                                 schedule="normal" if sampler == "LCM" else "karras", warmup=args.warmup,
+                                 images=args.images)
+                 for label, _, sampler, steps, cfg in ROWS}
+    for protocol in protocols.values():
+        bench.check_protocol(protocol)
+    described, run_id = device_info.describe("cpu"), new_record_id()[:12]
+    load_before = os.getloadavg()
+    measured = {label: [] for label, *_ in ROWS}
     with TimingStore(work / "timings.sqlite3") as store:
-        for label, model, sampler, steps, cfg in ROWS:
-            protocol = Protocol(width=args.size, height=args.size, steps=steps, sampler=sampler, cfg_scale=cfg,
-                                schedule="normal" if sampler == "LCM" else "karras", warmup=args.warmup, images=args.images)
-            records = bench.run_benchmark([folders[model]], protocol, store, "cpu", torch.float32,
-                                          progress=lambda line: print(line, flush=True))
-            seconds[label] = sum(r.seconds_per_image for r in records) / len(records)
+        for index in range(args.warmup + args.images):
+            models = list(folders) if index % 2 == 0 else list(folders)[::-1]
+            for model in models:
+                generator = bench.Generator(bench.load_pipeline(folders[model], "cpu", torch.float32))
+                for label, row_model, *_ in ROWS:
+                    if row_model != model:
+                        continue
+                    record = bench.measure(generator, protocols[label], index, run_id, described)
+                    kind = "warm-up" if index < args.warmup else f"image {index - args.warmup + 1}/{args.images}"
+                    print(f"{label}: {kind} {record.seconds_per_image:.3f} s, {record.unet_calls} U-Net calls",
+                          flush=True)
+                    if index >= args.warmup:
+                        store.add(record)
+                        measured[label].append(record.seconds_per_image)
+                generator.close()
+                del generator
+                gc.collect()
+    seconds = {label: statistics.mean(values) for label, values in measured.items()}
     sd25, sd20 = seconds["SD-v1, 25 steps"], seconds["SD-v1, 20 steps"]
     print(f"\n{args.size}x{args.size}, fp32, {args.threads} threads, {args.images} measured image(s) a row, "
-          f"{args.warmup} warm-up")
+          f"{args.warmup} warm-up; load average (1 min) {load_before[0]:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")
     print("| model, steps | s/image | vs SD 25 steps | vs SD 20 steps |")
     print("|---|---:|---:|---:|")
     for label, value in seconds.items():

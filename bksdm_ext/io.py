@@ -449,12 +449,13 @@ def write_safetensors(path: str | os.PathLike, tensors: StateDict, metadata: dic
     return target
 
 
-def _write_file(path: str | os.PathLike, write, mode: str = "wb", encoding: str | None = None) -> Path:
+def write_file(path: str | os.PathLike, write, mode: str = "wb", encoding: str | None = None,
+               newline: str | None = None) -> Path:
     """Write a file atomically: `write(f)` fills a temporary file beside it, flushed, then renamed over it."""
     target = Path(path)
     tmp = _temp_path(target)
     try:
-        with open(tmp, mode, encoding=encoding) as f:
+        with open(tmp, mode, encoding=encoding, newline=newline) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -467,13 +468,13 @@ def _write_file(path: str | os.PathLike, write, mode: str = "wb", encoding: str 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically."""
-    return _write_file(path, lambda f: f.write(text), "w", "utf-8")
+    return write_file(path, lambda f: f.write(text), "w", "utf-8")
 
 
 def write_image(path: str | os.PathLike, image, format: str | None = None) -> Path:
     """Save a PIL image atomically (its format from the suffix unless given)."""
     format = format or (Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
-    return _write_file(path, lambda f: image.save(f, format=format))
+    return write_file(path, lambda f: image.save(f, format=format))
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:

@@ -124,6 +124,16 @@ def test_the_layout_a_lora_was_made_for():
     # a kohya base-model hash names a model; the caller knows its layout
     assert lora.made_for(full_sd, {"ss_sd_model_hash": "ABCD1234"}, "small", base_layout="tiny").layout == "tiny"
     assert lora.base_model_hashes({"ss_sd_model_hash": "ABCD1234", "ss_new_sd_model_hash": "ff"}) == ["ff", "abcd1234"]
+    # a published SD checkpoint's hash (sha256 or the legacy one) marks SD's layout, also for a partial LoRA
+    # whose keys alone would be taken as made for the BK layout
+    partial = _sd_lora_keys("down_blocks_0_attentions_0_proj_in")
+    assert lora.made_for(partial, {}, "small").layout == "small"
+    for sd15 in ({"ss_new_sd_model_hash": "6CE0161689B3853ACAA03779EC93EAFE75A02F4CED659BEE03F50797806FA2FA"},
+                 {"ss_sd_model_hash": "81761151"}):
+        assert lora.published_base_model(sd15).startswith("SD-v1.5")
+        assert lora.made_for(partial, sd15, "small") == lora.MadeFor("teacher", "base model")
+    assert lora.published_base_model({"ss_sd_model_hash": "12345678"}) is None
+    assert lora.made_for(partial, {"ss_sd_model_hash": "81761151"}, "small", base_layout="tiny").layout == "tiny"
     assert lora.made_for(full_sd, {lora.METADATA_LAYOUT: "Base"}, "small") == lora.MadeFor("base", "metadata")
     # a Tiny-trained LoRA on Small goes through the teacher blocks both come from
     tiny_lora = _sd_lora_keys("up_blocks_0_attentions_1_proj_in")

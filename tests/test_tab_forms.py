@@ -446,3 +446,43 @@ def test_an_optional_number_left_empty_keeps_its_automatic_default(runner):
     assert form_values([lr], [""]) == {} and DreamBoothConfig.from_dict(form_values([lr], [" 2e-6 "])).lr == 2e-6
     with pytest.raises(BKSDMError, match="learning_rate must be a float"):
         DreamBoothConfig.from_dict(form_values([lr], ["fast"]))
+
+
+def test_a_job_that_makes_a_lora_defaults_to_the_lora_folder_and_the_mode_moves_it(runner, tmp_path):
+    """In the WebUI a LoRA in the checkpoint folder is refused at preflight: the lcm kind (LoRA mode by
+    default) and DreamBooth in LoRA mode offer the Lora folder, checkpoints the checkpoint folder."""
+    checkpoints, loras = str(tmp_path / "Stable-diffusion" / "BK-SDM"), str(tmp_path / "Lora")
+    outputs = {"output_dir": checkpoints}
+    tab = build_tab(TabContext(runner, AccessGuard(), lora_output_dir=loras,
+                               form_defaults={name: outputs for name in ("distill", "dreambooth", "lcm", "prune")}))
+    assert by_id(tab, "bksdm_lcm_mode").value == "lora" and by_id(tab, "bksdm_lcm_output_dir").value == loras
+    assert by_id(tab, "bksdm_dreambooth_output_dir").value == checkpoints  # full mode by default
+    assert by_id(tab, "bksdm_distill_output_dir").value == checkpoints  # no LoRA mode: untouched
+    for kind, other in (("dreambooth", "lora"), ("lcm", "full")):
+        follow = handler(tab, f"bksdm_{kind}_mode", "change")
+        moved = follow(other, by_id(tab, f"bksdm_{kind}_output_dir").value)
+        assert moved == (loras if other == "lora" else checkpoints)
+        assert follow("lora" if other == "full" else "full", moved) == by_id(tab, f"bksdm_{kind}_output_dir").value
+        assert follow(other, "/my/own/folder") == gr.update()  # a folder the user chose stays
+    # without a LoRA folder (`bksdm app`) nothing follows the mode
+    plain = build_tab(TabContext(runner, AccessGuard()))
+    assert by_id(plain, "bksdm_lcm_output_dir").value == ""
+    with pytest.raises(KeyError):
+        handler(plain, "bksdm_lcm_mode", "change")
+
+
+def test_in_the_webui_each_form_keeps_its_own_defaults(runner, tmp_path):
+    """The WebUI's ui-config keys a field by the tab and its label alone: without care the lcm form showed
+    DreamBooth's Mode (full) and LoRA rank, distill's batch size and learning rate, DreamBooth's folder."""
+    from webui_standins import ui_loadsave
+
+    loras = str(tmp_path / "Lora")
+    outputs = {"output_dir": str(tmp_path / "Stable-diffusion" / "BK-SDM")}
+    tab = build_tab(TabContext(runner, AccessGuard(), lora_output_dir=loras,
+                               form_defaults={name: outputs for name in ("distill", "dreambooth", "lcm", "prune")}))
+    settings = ui_loadsave(tab, "bksdm", {})  # a first start
+    values = {name: by_id(tab, f"bksdm_lcm_{name}").value for name in ("mode", "lora_rank", "train_batch_size",
+                                                                      "sample_steps", "output_dir", "learning_rate")}
+    assert values == {"mode": "lora", "lora_rank": 64, "train_batch_size": 8, "sample_steps": 4, "output_dir": loras,
+                      "learning_rate": ""}
+    assert settings == {}  # nothing of ours is kept in ui-config.json, so no form takes another's values

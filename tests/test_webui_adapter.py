@@ -236,3 +236,11 @@ def test_loads_in_two_threads_that_overlap_leave_no_loading_state_behind(webui):
     assert state.loading == "switch"
     switch.__exit__(None, None, None)
     assert state.loading is None
+
+
+def test_loras_made_by_jobs_go_to_the_lora_extensions_folder(webui, monkeypatch):
+    shared = webui.modules.shared
+    monkeypatch.setitem(sys.modules, "modules.paths", types.SimpleNamespace(models_path=str(webui.tmp / "models")))
+    assert webui.route.lora_dir() == webui.tmp / "models" / "Lora"  # the Lora extension's default
+    shared.cmd_opts.lora_dir = str(webui.tmp / "my-loras")  # --lora-dir
+    assert webui.route.lora_dir() == webui.tmp / "my-loras"

@@ -170,6 +170,17 @@ def write_full_size_pipeline(directory: str | os.PathLike, layout: str, version:
     )
 
 
+def full_size_pipeline(folder: str | os.PathLike, layout: str, version: str = "v1") -> Path:
+    """`folder`, holding a full-size random pipeline of `layout` in plain file names (written once, reused)."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        print(f"writing a full-size random {layout} pipeline into {folder}", flush=True)
+        write_full_size_pipeline(folder, layout, version)
+        for variant in folder.glob("*/*.fp16.safetensors"):  # the engines read the plain file names
+            variant.rename(variant.with_name(variant.name.replace(".fp16", "")))
+    return folder
+
+
 def load_ldm_unet_strictly(single: str | os.PathLike):
     """The LDM U-Net of the yaml beside single-file checkpoint `single`, with the file's U-Net tensors loaded
     `strict=True` (a missing, extra or misshapen tensor fails)."""

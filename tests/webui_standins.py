@@ -276,3 +276,50 @@ class FixedControlModel(torch.nn.Module):
 
     def forward(self, **kwargs):
         return [r.clone() for r in self.residuals]
+
+
+def ui_loadsave(tab, path: str, ui_settings: dict) -> dict:
+    """What the WebUI's `UiLoadsave.add_block(tab, path)` (modules/ui_loadsave.py, 1.10.1) does to an extension
+    tab at start: each component's visibility and value are kept in ui-config.json under `path/label/field`
+    (a button's under its text), the first component of a key writing it and every later one taking it.
+    Returns the settings as the WebUI then writes them."""
+    import gradio as gr
+
+    def apply_field(obj, key_path, field, condition=None):
+        key = f"{key_path}/{field}"
+        if getattr(obj, "custom_script_source", None) is not None:
+            key = f"customscript/{obj.custom_script_source}/{key}"
+        if getattr(obj, "do_not_save_to_config", False):
+            return
+        saved = ui_settings.get(key, None)
+        if saved is None:
+            ui_settings[key] = getattr(obj, field)
+        elif condition and not condition(saved):
+            pass
+        else:
+            if isinstance(obj, gr.Textbox) and field == "value":
+                saved = str(saved)
+            elif isinstance(obj, gr.Number) and field == "value":
+                saved = float(saved)
+            setattr(obj, field, saved)
+
+    def add_component(key_path, x):
+        if type(x) in (gr.Slider, gr.Radio, gr.Checkbox, gr.Textbox, gr.Number, gr.Dropdown, gr.Button) and x.visible:
+            apply_field(x, key_path, "visible")
+        if type(x) in (gr.Slider, gr.Checkbox, gr.Textbox, gr.Number):
+            apply_field(x, key_path, "value")
+        if type(x) is gr.Dropdown:
+            choices = [c[1] if isinstance(c, tuple) else c for c in x.choices]
+            apply_field(x, key_path, "value", lambda value: value in choices)
+
+    def add_block(x, key_path):
+        if hasattr(x, "children"):
+            for child in x.children:
+                add_block(child, key_path)
+        elif getattr(x, "label", None) is not None:
+            add_component(f"{key_path}/{x.label}", x)
+        elif isinstance(x, gr.Button) and x.value is not None:
+            add_component(f"{key_path}/{x.value}", x)
+
+    add_block(tab, path)
+    return ui_settings

@@ -26,6 +26,24 @@ METADATA_LAYOUT = "bksdm.layout"  # the layout a LoRA's U-Net keys are for (our 
 METADATA_REMAPPED_FROM = "bksdm.remapped_from"
 BASE_MODEL_HASHES = ("ss_new_sd_model_hash", "ss_sd_model_hash")  # kohya: sha256, the WebUI's legacy hash
 
+# The published SD checkpoints LoRAs are trained on, by the hashes kohya writes of them: the file's
+# sha256 (`ss_new_sd_model_hash`) or the WebUI's legacy 8-digit hash (`ss_sd_model_hash`). They are
+# the teacher layout (SD); a LoRA trained on a fine-tune of them names the fine-tune, which the
+# user's own checkpoints may answer (the WebUI adapter looks there first).
+PUBLISHED_SD_MODELS = {
+    "fe4efff1e174c627256e44ec2991ba279b3816e364b49f9be2abc0b3ff3f8556": "SD-v1.4 (sd-v1-4.ckpt)",
+    "7460a6fa": "SD-v1.4 (sd-v1-4.ckpt)",
+    "cc6cb27103417325ff94f52b7a5d2dde45a7515b25c255d8e396c90014281516": "SD-v1.5 (v1-5-pruned-emaonly.ckpt)",
+    "81761151": "SD-v1.5 (v1-5-pruned-emaonly.ckpt)",
+    "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa": "SD-v1.5 (v1-5-pruned-emaonly.safetensors)",
+    "d7049739": "SD-v1.5 (v1-5-pruned-emaonly.safetensors)",
+    "1a189f0be69d6106a48548e7626207dddd7042a418dbf372cefd05e0cdba61b6": "SD-v1.5 (v1-5-pruned.safetensors)",
+    "d635794c1fedfdfa261e065370bea59c651fc9bfa65dc6d67ad29e11869a1824": "SD-v2.0-base (512-base-ema.ckpt)",
+    "bfcaf0755797b0c30eb00a3787e8b423eb1f5decd8de76c4d824ac2dd27e139f": "SD-v2.0 (768-v-ema.ckpt)",
+    "88ecb782561455673c4b78d05093494b9c539fc6bfc08f3a9a4a0dd7b0b10f36": "SD-v2.1-base (v2-1_512-ema-pruned.ckpt)",
+    "ad2a33c361c1f593c4a1fb32ea81afce2b5bb7d1983c6b94793a26a3b54b08a0": "SD-v2.1 (v2-1_768-ema-pruned.ckpt)",
+}
+
 _KOHYA_PREFIX = "lora_unet_"
 _PEFT_PREFIXES = ("unet.", "base_model.model.")  # diffusers' save_lora_weights; a bare peft model
 _PEFT_TEXT_PREFIX = "text_encoder."
@@ -158,12 +176,18 @@ def base_model_hashes(metadata: dict | None) -> list[str]:
     return [str(metadata[k]).lower() for k in BASE_MODEL_HASHES if metadata and metadata.get(k)]
 
 
+def published_base_model(metadata: dict | None) -> str | None:
+    """The published SD checkpoint a kohya-trained LoRA names as its base model, if any."""
+    return next((PUBLISHED_SD_MODELS[h] for h in base_model_hashes(metadata) if h in PUBLISHED_SD_MODELS), None)
+
+
 def made_for(keys, metadata: dict | None, target: str, base_layout: str | None = None,
              from_sd: bool = False) -> MadeFor:
     """The layout a LoRA's U-Net keys are for, from the file alone.
 
     In order: our metadata; `base_layout`, the layout of the model its kohya base-model hash names
-    (looked up by the caller among the models it knows); then the keys: a module of a block only one
+    (looked up by the caller among the models it knows), else a published SD checkpoint that hash
+    names (`PUBLISHED_SD_MODELS`: SD's layout); then the keys: a module of a block only one
     layout has decides. A partial LoRA whose keys fit both SD and `target` is taken as made for
     `target`, with a note; `from_sd` (the user's override) takes it as made for SD.
     """
@@ -172,6 +196,8 @@ def made_for(keys, metadata: dict | None, target: str, base_layout: str | None =
         return MadeFor(layouts.get_layout(metadata[METADATA_LAYOUT]).name, "metadata")
     if base_layout:
         return MadeFor(base_layout, "base model")
+    if published_base_model(metadata):
+        return MadeFor("teacher", "base model")
     fits = fitting_layouts(keys)
     if target in fits and "teacher" in fits and target != "teacher":
         if from_sd:

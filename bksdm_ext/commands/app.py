@@ -36,6 +36,9 @@ def app_origin(args: argparse.Namespace):
     return OriginPolicy(bound_host=args.host, allowed_origins=tuple(args.allowed_origin))
 
 
+SHUTDOWN_S = 5  # seconds open requests get to finish when the app is asked to stop
+
+
 def app_command(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -49,7 +52,10 @@ def app_command(args: argparse.Namespace) -> int:
         print(f"bksdm app: jobs are refused on this server: {guard.exposure}.")
     print(f"bksdm app: data in {data_dir}; open http://{args.host}:{args.port}/", flush=True)
     try:
-        uvicorn.run(create_app(runner, guard, app_origin(args)), host=args.host, port=args.port, log_level="warning")
+        # a page in the middle of an event (the Jobs view asks every 2 s) holds a gradio queue WebSocket that
+        # never ends by itself: without a bound, SIGTERM or one Ctrl+C would wait on it for ever
+        uvicorn.run(create_app(runner, guard, app_origin(args)), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=SHUTDOWN_S)
     finally:
         runner.stop()
     return 0

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BKSDMError
-from ..io import check_model_source
 from ..job_config import JobConfig, setting
 from ..timings.protocol import SAMPLERS, SCHEDULES, Protocol
-from . import weights
+from . import sources, weights
 
 METRICS = ("fid", "is", "clip", "teacher-distance")
 AUTO = "auto"  # every metric whose weight files are set (teacher distance from two models on)
@@ -25,8 +24,9 @@ class EvaluateConfig(JobConfig):
 
     kind = "evaluate"
 
-    models: list = setting((), "Models to evaluate, the teacher first (the others are compared with it): WebUI "
-                           "checkpoints (.safetensors/.ckpt) or diffusers pipeline folders.",
+    models: list = setting((), "Models to evaluate; the FIRST is the teacher the others are compared with: WebUI "
+                           "checkpoints (.safetensors/.ckpt), diffusers pipeline folders, a distill/lcm/dreambooth "
+                           "job's checkpoints/step-N, or such a job's folder (each of its checkpoints).",
                            label="Models (teacher first)", group="Model", positional=True, nargs="+", kind="model")
     prompts: str = setting("default", "Caption file (.csv/.jsonl with a text column, or .txt, one per line), e.g. "
                            "the MS-COCO val2014 captions; 'default': the 314 prompts shipped with BK-SDM.",
@@ -73,13 +73,20 @@ class EvaluateConfig(JobConfig):
             chosen = {"fid"} if self.inception and self.reference else set()
             chosen |= {"is"} if self.inception else set()
             chosen |= {"clip"} if self.clip_weights else set()
-            chosen |= {"teacher-distance"} if len(self.models) > 1 else set()
+            chosen |= {"teacher-distance"} if self.model_count() > 1 else set()
         else:
             chosen = {m.strip().lower() for m in self.metrics.split(",") if m.strip()}
         unknown = sorted(chosen - set(METRICS))
         if unknown:
             raise BKSDMError(f"Unknown metric(s) {', '.join(unknown)}: choose from {', '.join(METRICS)} or 'auto'.")
         return tuple(m for m in METRICS if m in chosen)
+
+    def model_count(self) -> int:
+        """How many models are evaluated: a training job's folder counts each of its complete checkpoints."""
+        try:
+            return len(sources.expand(self.models))
+        except BKSDMError:  # a bad job folder: validate names it
+            return len(self.models)
 
     def protocol(self) -> Protocol:
         """The generation protocol in the timing benchmark's terms (its engine generates the images)."""
@@ -92,7 +99,7 @@ class EvaluateConfig(JobConfig):
         if not self.models:
             raise BKSDMError("Give at least one model to evaluate (the teacher first).")
         for model in self.models:
-            check_model_source(model, "model", hub=False)
+            sources.check(str(model), "model")
         names = self.metric_names()
         if not names:
             raise BKSDMError("No metric to compute: set the Inception or CLIP weights, give two models for the "
@@ -112,6 +119,6 @@ class EvaluateConfig(JobConfig):
             raise BKSDMError(f"The CLIP score needs open_clip weights: {weights.CLIP_HELP}; set clip_weights.")
         if self.clip_weights:
             weights.check_clip_weights(self.clip_weights)
-        if "teacher-distance" in names and len(self.models) < 2:
+        if "teacher-distance" in names and self.model_count() < 2:
             raise BKSDMError("The teacher distance compares students with the first model: give two models or more.")
         self.protocol().validate()

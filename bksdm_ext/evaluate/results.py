@@ -93,24 +93,40 @@ def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
     return write_text(path, buffer.getvalue())
 
 
-def format_table(table: dict) -> str:
-    """The model x metric table as text, with N and the protocol, and the paper's numbers labelled as such."""
+def model_table(table: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the model x metric table, the numbers formatted (a metric no model has is left out)."""
     shown = [c for c in COLUMNS if any(m.get(c[0]) is not None for m in table["models"])]
     header = ["model", "layout", *(h for _, h, _ in shown)]
     body = [[f"{m['name']} ({m['role']})", m["layout"],
              *("-" if m.get(key) is None else fmt.format(m[key]) for key, _, fmt in shown)] for m in table["models"]]
-    lines = _columns([header, *body])
+    return header, body
+
+
+def protocol_lines(table: dict) -> list[str]:
+    """What the numbers depend on: N, the prompts, the protocol and seeds, and the FID variant and reference."""
     p = table["protocol"]
-    lines.insert(0, f"Evaluation {table['job']}: N = {table['images']} images per model from {table['prompts']['source']}"
-                    f"; {p['sampler']}, {p['steps']} steps, CFG {p['cfg_scale']}, {p['resolution']} px -> "
-                    f"{p['eval_size']} px, seeds {p['seed']}..{p['seed'] + table['images'] - 1}")
+    lines = [f"Evaluation {table['job']}: N = {table['images']} images per model from {table['prompts']['source']}"
+             f"; {p['sampler']}, {p['steps']} steps, CFG {p['cfg_scale']}, {p['resolution']} px -> "
+             f"{p['eval_size']} px, seeds {p['seed']}..{p['seed'] + table['images'] - 1}"]
     if table.get("reference"):
         ref = table["reference"]
-        lines.insert(1, f"FID: {table['fid_variant']} mode, N = {table['images']} against {ref['source']} "
-                        f"({ref['images']} images)")
-    paper = [["paper: " + row[0], f"{row[1]:.2f}", f"{row[2]:.2f}", f"{row[3]:.4f}"] for row in PAPER]
-    lines += ["", f"For reference only ({PAPER_NOTE}):", *_columns([["model", "FID", "IS", "CLIP score"], *paper])]
-    return "\n".join(lines)
+        lines.append(f"FID: {table['fid_variant']} mode, N = {table['images']} against {ref['source']} "
+                     f"({ref['images']} images)")
+    return lines
+
+
+def paper_table() -> tuple[str, list[str], list[list[str]]]:
+    """(what they are, header, rows) of the paper's published numbers, each model prefixed "paper:"."""
+    rows = [["paper: " + row[0], f"{row[1]:.2f}", f"{row[2]:.2f}", f"{row[3]:.4f}"] for row in PAPER]
+    return f"For reference only ({PAPER_NOTE}):", ["model", "FID", "IS", "CLIP score"], rows
+
+
+def format_table(table: dict) -> str:
+    """The model x metric table as text, with N and the protocol, and the paper's numbers labelled as such."""
+    header, body = model_table(table)
+    note, paper_header, paper = paper_table()
+    return "\n".join([*protocol_lines(table), *_columns([header, *body]), "", note,
+                      *_columns([paper_header, *paper])])
 
 
 def _columns(rows: list[list[str]]) -> list[str]:
@@ -152,23 +168,35 @@ def default_roots() -> list[Path]:
     return [data / "jobs", Path("bksdm-jobs")]
 
 
+def load(job_dir: str | os.PathLike) -> dict | None:
+    """The results.json of an evaluate job folder; None when it has none (not finished) or another format."""
+    table = read_json_or_empty(Path(job_dir) / "results.json")
+    return table if table.get("format") == FORMAT else None
+
+
 def history(roots: list[str | os.PathLike] | None = None) -> list[dict]:
     """Every evaluated model of every evaluation under `roots` (job folders, or folders of them), oldest first."""
     seen, rows = set(), []
     for root in [Path(r) for r in (roots or default_roots())]:
         candidates = [root / "results.json"] + sorted(root.glob("*/results.json")) if root.is_dir() else []
         for path in candidates:
-            table = read_json_or_empty(path)
-            if table.get("format") != FORMAT or path.resolve() in seen:
+            table = load(path.parent)
+            if table is None or path.resolve() in seen:
                 continue
             seen.add(path.resolve())
             rows += rows_of(table)
     return sorted(rows, key=lambda row: (row["finished"], row["job"]))
 
 
-def format_history(rows: list[dict]) -> str:
+def history_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the history: each evaluated model of each evaluation, with N."""
     keys = [c for c in COLUMNS[:5] if any(r.get(c[0]) is not None for r in rows)]
     header = ["finished", "job", "model", "N", *(h for _, h, _ in keys)]
     body = [[r["finished"], r["job"], r["model"], str(r["images"]),
              *("-" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in keys)] for r in rows]
+    return header, body
+
+
+def format_history(rows: list[dict]) -> str:
+    header, body = history_table(rows)
     return "\n".join(_columns([header, *body]))

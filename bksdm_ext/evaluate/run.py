@@ -13,6 +13,7 @@ are loaded after it, when the diffusion models have left memory.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -24,6 +25,7 @@ from ..errors import BKSDMError
 from ..io import write_image, write_json
 from ..job import JobFolder, Progress
 from .config import EvaluateConfig
+from . import sources
 from .prompts import read_prompts
 
 IMAGE_NAME = "{:05d}.png"
@@ -33,6 +35,8 @@ def run(config: EvaluateConfig, job_dir: str | os.PathLike, resume: str | None =
     """Run the evaluation in `job_dir`; "done" or "cancelled". With `resume`, images already there are kept."""
     folder = JobFolder(job_dir)
     folder.root.mkdir(parents=True, exist_ok=True)
+    # each training job's folder stands for its complete checkpoints, as they are now
+    config = dataclasses.replace(config, models=sources.expand(config.models))
     prompts = read_prompts(config.prompts, config.limit)
     names = config.metric_names()
     images_root = folder.root / "images"
@@ -147,12 +151,12 @@ def generate_all(config: EvaluateConfig, folder: JobFolder, prompts: list[str], 
 
 
 def _load_model(config, source, key, index, count, folder, progress):
-    from ..timings.bench import Generator, load_pipeline
+    from ..timings.bench import Generator
 
     device, dtype = resolve_device(config)
     folder.write_progress(progress.update(message=f"Loading model {index + 1}/{count}: {source}"))
     print(f"Loading model {index + 1}/{count}: {source} on {device}", flush=True)
-    pipe = load_pipeline(source, device, dtype)
+    pipe = sources.load(source, device, dtype)
     info = {"key": key, "source": str(source), "name": pipe.name, "layout": pipe.layout, "version": pipe.version,
             "hash": pipe.checkpoint_hash, "device": str(device), "precision": str(pipe.dtype).replace("torch.", "")}
     return Generator(pipe, "auto"), info

@@ -320,9 +320,7 @@ def run_benchmark(folders: list, protocol: Protocol, store: TimingStore, device:
                   dtype: torch.dtype | None = None, backend: str = "auto", init_image: torch.Tensor | None = None,
                   progress: Callable[[str], None] = log.info) -> list[GenerationRecord]:
     """Run the protocol on each pipeline folder; every measured image batch becomes one stored record."""
-    protocol.validate()
-    if (init_image is None) != (protocol.strength is None):
-        raise BKSDMError("img2img needs both an init image and a denoising strength.")
+    check_protocol(protocol, init_image)
     backend = resolve_backend(backend)
     described = device_info.describe(device)
     run_id = new_record_id()[:12]
@@ -331,22 +329,35 @@ def run_benchmark(folders: list, protocol: Protocol, store: TimingStore, device:
         pipe = load_pipeline(folder, device, dtype)
         generator = Generator(pipe, backend)
         for index in range(protocol.warmup + protocol.images):
-            _, timings = generator(protocol, protocol.seed + index * protocol.batch_size, init_image)
+            record = measure(generator, protocol, index, run_id, described, init_image)
             if index < protocol.warmup:
                 continue
-            record = GenerationRecord(
-                checkpoint=pipe.name, checkpoint_hash=pipe.checkpoint_hash, layout=pipe.layout, version=pipe.version,
-                sampler=protocol.sampler, schedule=protocol.schedule, steps=protocol.steps,
-                width=protocol.width, height=protocol.height, batch_size=protocol.batch_size,
-                cfg_scale=protocol.cfg_scale, seed=protocol.seed + index * protocol.batch_size,
-                mode="txt2img" if protocol.strength is None else "img2img", denoising_strength=protocol.strength,
-                source="bench", run_id=run_id, attention=attention_name(pipe.unet),
-                precision=str(pipe.dtype).replace("torch.", ""), **timings.record_fields(),
-                **described.record_fields())
             store.add(record)
             records.append(record)
             progress(f"{pipe.name} ({pipe.layout}): image {index - protocol.warmup + 1}/{protocol.images} "
-                     f"{record.seconds_per_image:.3f} s, {timings.unet_calls} U-Net calls")
+                     f"{record.seconds_per_image:.3f} s, {record.unet_calls} U-Net calls")
         generator.close()
         del pipe, generator
     return records
+
+
+def check_protocol(protocol: Protocol, init_image: torch.Tensor | None = None) -> None:
+    protocol.validate()
+    if (init_image is None) != (protocol.strength is None):
+        raise BKSDMError("img2img needs both an init image and a denoising strength.")
+
+
+def measure(generator: Generator, protocol: Protocol, index: int, run_id: str, described,
+            init_image: torch.Tensor | None = None) -> GenerationRecord:
+    """The record of one timed batch, the `index`-th of a run (seed `protocol.seed + index * batch size`)."""
+    pipe, seed = generator.pipe, protocol.seed + index * protocol.batch_size
+    _, timings = generator(protocol, seed, init_image)
+    return GenerationRecord(
+        checkpoint=pipe.name, checkpoint_hash=pipe.checkpoint_hash, layout=pipe.layout, version=pipe.version,
+        sampler=protocol.sampler, schedule=protocol.schedule, steps=protocol.steps,
+        width=protocol.width, height=protocol.height, batch_size=protocol.batch_size,
+        cfg_scale=protocol.cfg_scale, seed=seed,
+        mode="txt2img" if protocol.strength is None else "img2img", denoising_strength=protocol.strength,
+        source="bench", run_id=run_id, attention=attention_name(pipe.unet),
+        precision=str(pipe.dtype).replace("torch.", ""), **timings.record_fields(),
+        **described.record_fields())

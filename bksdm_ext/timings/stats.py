@@ -13,6 +13,7 @@ from statistics import median
 from typing import Iterable
 
 from ..errors import BKSDMError
+from ..io import write_file
 from .recorder import percentile
 from .store import GenerationRecord
 
@@ -174,8 +175,7 @@ def save_plots_png(rows: list[GroupRow], records: list[GenerationRecord], path: 
     if len(steps):
         lines.legend(fontsize=7)
     figure.tight_layout()
-    path = os.fspath(path)
-    tmp = path + ".tmp.png"
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, path)
+    try:
+        write_file(path, lambda f: figure.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(figure)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, get_type_hints
 
 from ..errors import BKSDMError
+from ..io import write_file
 
 log = logging.getLogger(__name__)
 
@@ -281,13 +282,14 @@ class TimingStore:
         """Write every record to a CSV file (atomically); returns the number of rows."""
         path = Path(path)
         records = self.records()
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+
+        def write(handle):
             writer = csv.writer(handle)
             writer.writerow(FIELDS)
             for record in records:
                 writer.writerow(["" if v is None else v for v in dataclasses.astuple(record)])
-        os.replace(tmp, path)
+
+        write_file(path, write, "w", "utf-8", newline="")
         return len(records)
 
     def import_csv(self, path: str | os.PathLike) -> int:

@@ -120,6 +120,14 @@ def load_checkpoint(path: Path, rank: int = 0) -> tuple[dict, dict, dict, dict]:
     return tensors, training, rng, state
 
 
+def exported_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of a complete checkpoint that the job would export, and their group: the EMA where the
+    run keeps one (distillation's student, LCM's target network), else the trained weights. Keys are
+    `<module>.<parameter>` (`student.`, `unet.`, `text_encoder.`), as `loop.fit` names them."""
+    group = "ema" if (path / "ema.safetensors").is_file() else "trainable"
+    return load_file(str(path / f"{group}.safetensors")), group
+
+
 # --- disk space ---------------------------------------------------------------------------------
 
 

@@ -78,11 +78,11 @@ class LcmConfig(TrainConfig):
     lora_rank: int = setting(64, "LoRA rank (diffusers' LCM-LoRA: 64).", label="LoRA rank", group="Recipe", min=1,
                              max=1024)
     lora_alpha: float = setting(64.0, "LoRA alpha (= rank: no extra scaling).", label="LoRA alpha", group="Recipe",
-                                min=0.0)
+                                advanced=True, min=0.0)
     w_min: float = setting(3.0, "Smallest guidance scale w of the teacher (LCM form: cond + w (cond - uncond)).",
-                           label="Guidance w min", group="Losses", min=0.0)
+                           label="Guidance w min", group="Losses", advanced=True, min=0.0)
     w_max: float = setting(15.0, "Largest guidance scale w of the teacher.", label="Guidance w max", group="Losses",
-                           min=0.0)
+                           advanced=True, min=0.0)
     solver_steps: int = setting(50, "Timesteps of the skipping-step DDIM solver (of the 1,000 training timesteps).",
                                 label="Solver steps", group="Losses", advanced=True, min=1, max=1000)
     huber_c: float = setting(0.001, "c of the pseudo-Huber loss sqrt(d^2 + c^2) - c.", label="Huber c",
@@ -93,7 +93,8 @@ class LcmConfig(TrainConfig):
     target_ema_decay: float = setting(0.95, "Full mode: EMA decay of the target network (the exported model).",
                                       label="Target EMA decay", group="Recipe", advanced=True, min=0.0, max=1.0)
     teacher_half: bool = setting(True, "Run the frozen teacher, VAE and text encoder in half precision (bf16 on "
-                                       "CPU).", label="Half-precision teacher", group="Speed & memory")
+                                       "CPU).", label="Half-precision teacher", group="Speed & memory",
+                                advanced=True)
     cache: bool = setting(False, "Encode every image and caption once into the latent/text cache shared with "
                                  "distillation (crops are then centred).", label="Latent cache",
                           group="Speed & memory")
@@ -103,7 +104,8 @@ class LcmConfig(TrainConfig):
     train_batch_size: int = setting(8, "Images per step on each device.", label="Batch size", group="Recipe", min=1,
                                     max=4096)
     gradient_accumulation_steps: int = setting(1, "Steps whose gradients are summed before one optimiser update.",
-                                               label="Gradient accumulation", group="Recipe", min=1, max=4096)
+                                               label="Gradient accumulation", group="Recipe", advanced=True, min=1,
+                                               max=4096)
     max_steps: int = setting(1000, "Optimiser updates to train for.", label="Steps", group="Recipe", min=1,
                              max=10**7)
     learning_rate: float | None = setting(None, "Learning rate (empty = 1e-4 for LoRA, 1e-6 for full).",
@@ -114,7 +116,7 @@ class LcmConfig(TrainConfig):
     sample_every: int = setting(200, "Render validation images every N steps (0 = never).", label="Samples every",
                                 group="Output", min=0)
     sample_steps: int = setting(4, "Steps of the validation images (LCM sampler, no guidance).",
-                                label="Sample steps", group="Output", min=1, max=1000)
+                                label="Sample steps", group="Output", advanced=True, min=1, max=1000)
 
     lr = DreamBoothConfig.lr  # the same rule: the set learning rate, else 1e-4 for LoRA and 1e-6 for full
 

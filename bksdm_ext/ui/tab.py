@@ -54,6 +54,9 @@ class TabContext:
     # Form defaults that differ where the tab runs, by kind: e.g. in the WebUI, output_dir = its
     # models/Stable-diffusion folder, so a finished model appears in the checkpoint list.
     form_defaults: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # The Output folder of a job while it makes a LoRA file (`lora_switch`), in place of form_defaults'
+    # output_dir: in the WebUI its models/Lora, where its Lora extension finds the file ("" = no such folder).
+    lora_output_dir: str = ""
     # Which pages may press the buttons: the server's own (its Host and Origin; see jobs/origin.py).
     origin: OriginPolicy = dataclasses.field(default_factory=OriginPolicy)
 
@@ -100,6 +103,10 @@ class TabContext:
         except BKSDMError:
             return {}
 
+    def launch_sources(self) -> dict[str, str]:
+        """What a launched form's model titles stand for: the checkpoint list and the training jobs (`job_models`)."""
+        return {**self.model_sources(), **job_models(self.runner)}
+
     def timings_path(self) -> Path:
         return self.timings_store() if self.timings_store else self.runner.data_dir / "timings.sqlite3"
 
@@ -125,6 +132,10 @@ def form_groups(fields: list[Setting]) -> list[tuple[str, list[Setting], list[Se
 
 def _component(field: Setting, kind: str, context: "TabContext") -> gr.components.Component:
     label, elem_id = field.label, f"bksdm_{kind}_{field.name}"
+    if field.kind == "model" and field.type in ("list", "tuple"):  # several models, in order: `_models_picker`
+        return gr.Textbox(value="\n".join(map(str, field.default or [])), label=label, lines=3, max_lines=10,
+                          info=f"{field.help} One a line, the first line is the teacher. Add them from the list "
+                               "below, or type paths on the server.", elem_id=elem_id)
     if field.kind == "model":
         choices = list(context.model_sources())
         return gr.Dropdown(choices, value=field.default or None, label=label, allow_custom_value=True,
@@ -212,6 +223,8 @@ def form_values(fields: list[Setting], raw: list[Any], sources: dict[str, str] |
                 value = int(value)
         elif field.type in ("list", "tuple"):
             value = [line.strip() for line in str(value or "").splitlines() if line.strip()]
+            if field.kind == "model":
+                value = [(sources or {}).get(line, line) for line in value]
         elif field.kind == "model":
             value = (sources or {}).get(value, value) or ""
         values[field.name] = value
@@ -279,7 +292,7 @@ def _presets(context: TabContext, kind: Kind, cls: type, fields: list[Setting], 
         def act():
             context.check(request, "Saving a preset")
             path = presets.save_user(context.runner.data_dir, cls, preset_name,
-                                     form_values(fields, list(raw), context.model_sources()))
+                                     form_values(fields, list(raw), context.launch_sources()))
             return f"Saved the recipe as {presets.check_name(preset_name)!r} ({path})."
         message = _guarded(act)
         return message, gr.update(choices=titles + presets.user_presets(context.runner.data_dir, kind.name))
@@ -294,7 +307,11 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
     except BKSDMError as error:
         gr.Markdown(str(error))
         return None
-    overrides = context.form_defaults.get(kind.name, {})
+    overrides = dict(context.form_defaults.get(kind.name, {}))
+    switch = lora_switch(fields)
+    checkpoint_folder = overrides.get("output_dir", "")
+    if switch is not None and context.lora_output_dir and switch.default == "lora":
+        overrides["output_dir"] = context.lora_output_dir
     fields = [dataclasses.replace(f, default=overrides[f.name]) if f.name in overrides else f for f in fields]
     components: dict[str, Any] = {}
     preset_row = gr.Column() if any(f.name == "max_steps" for f in fields) else None  # training kinds
@@ -318,6 +335,9 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
                                   elem_id=f"bksdm_{kind.name}_more_{group.split()[0].lower()}"):
                     _rows(context, advanced, components, kind.name)
     ordered = [components[f.name] for f in fields]
+    if switch is not None and context.lora_output_dir and "output_dir" in components:
+        _output_follows_mode(components[switch.name], components["output_dir"], checkpoint_folder,
+                             context.lora_output_dir)
     if preset_row is not None:
         with preset_row:
             _presets(context, kind, cls, fields, ordered)
@@ -343,7 +363,7 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
         def check_click(request: gr.Request, *raw):
             try:
                 context.check(request, "Reading a server folder")
-                text, images = data_report(form_values(fields, list(raw), context.model_sources()))
+                text, images = data_report(form_values(fields, list(raw), context.launch_sources()))
             except BKSDMError as error:
                 return _message(str(error), False), gr.update(visible=False, value=None)
             return _message(text, True), gr.update(visible=bool(images), value=images)
@@ -364,7 +384,7 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
 
         def act():
             context.check(request, "Launching a job")
-            return launch_job(form_values(fields, list(raw), context.model_sources()), made)
+            return launch_job(form_values(fields, list(raw), context.launch_sources()), made)
         message = _guarded(act)
         return message, made[0]
 
@@ -382,7 +402,7 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
                     raise BKSDMError("No checkpoint is selected in the WebUI: pick one in its checkpoint list "
                                      "first, or choose the model in this form and launch.")
                 sources = context.model_sources()
-                values = form_values(fields, list(raw), sources)
+                values = form_values(fields, list(raw), {**sources, **job_models(context.runner)})
                 values[current_setting] = str(current)
                 # the form then names what was launched: the list's title for that file
                 shown[0] = next((t for t, f in sources.items() if Path(f) == Path(current)), str(current))
@@ -392,6 +412,23 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
 
         on_current.click(submit_current, inputs=ordered, outputs=[result, job_id, source_box])
     return Form(launched, job_id)
+
+
+def lora_switch(fields: list[Setting]) -> Setting | None:
+    """The setting whose value "lora" makes a kind's finished model a LoRA file (DreamBooth's and lcm's
+    `mode`), None for kinds that always make checkpoints."""
+    return next((f for f in fields if f.name == "mode" and "lora" in (f.choices or ())), None)
+
+
+def _output_follows_mode(mode, folder, checkpoint_folder: str, lora_folder: str) -> None:
+    """A LoRA goes to the LoRA folder, a checkpoint to the checkpoint folder: switching the mode moves the
+    Output folder between the two defaults; a folder the user typed stays."""
+    def follow(chosen, current):
+        if (current or "") not in (checkpoint_folder, lora_folder):
+            return gr.update()
+        return lora_folder if chosen == "lora" else checkpoint_folder
+
+    mode.change(follow, inputs=[mode, folder], outputs=[folder])
 
 
 def _rows(context: TabContext, fields: list[Setting], components: dict, kind: str, per_row: int = 4) -> None:
@@ -404,6 +441,8 @@ def _rows(context: TabContext, fields: list[Setting], components: dict, kind: st
                         components[field.name] = box = _component(field, kind, context)
                         if field.kind == "folder":
                             _folder_picker(context, box, field, kind)
+                        elif field.type in ("list", "tuple"):
+                            _models_picker(context, box, kind, field)
                         else:
                             _model_refresh(context, box, kind, field)
                 else:
@@ -418,6 +457,57 @@ def _model_refresh(context: TabContext, box, kind: str, field: Setting) -> None:
         return gr.update(choices=list(context.model_sources(refresh=True)))
 
     refresh.click(again, outputs=[box])
+
+
+def job_models(runner: Runner) -> dict[str, str]:
+    """The training jobs a model picker of several models offers, title -> path: a job with complete
+    checkpoints (its folder: each of them; and each one alone) and a job's finished diffusers model."""
+    from ..evaluate.sources import BASE_SETTING
+
+    out: dict[str, str] = {}
+    for job in runner.list():
+        if job.kind not in BASE_SETTING:
+            continue
+        folder = JobFolder(job.folder)
+        checkpoints = folder.complete_checkpoints()
+        if checkpoints:
+            out[f"job {job.id}: each checkpoint"] = str(folder.root)
+            out.update((f"job {job.id}: {c.name}", str(c)) for c in checkpoints)
+        if job.state == "done" and folder.output.is_dir():
+            out.update((f"job {job.id}: output {p.parent.parent.name}", str(p.parent.parent))
+                       for p in sorted(folder.output.glob("*/unet/config.json")))
+    return out
+
+
+def pick_models(text: str, picked: list[str], before: list[str]) -> str:
+    """The models box after the picker changed from `before` to `picked`: titles picked now are added as lines
+    (in the order picked), titles unpicked are removed, typed lines stay where they are."""
+    lines = [line for line in str(text or "").splitlines() if line.strip()]
+    removed = set(before or []) - set(picked or [])
+    lines = [line for line in lines if line.strip() not in removed]
+    lines += [title for title in picked or [] if title not in {line.strip() for line in lines}]
+    return "\n".join(lines)
+
+
+def _models_picker(context: TabContext, box: gr.Textbox, kind: str, field: Setting) -> None:
+    """Under a box of several models: the checkpoint list (and the training jobs) to add from, several at once,
+    with its refresh; the box keeps their order and any typed path."""
+    choices = lambda refresh=False: [*context.model_sources(refresh), *job_models(context.runner)]  # noqa: E731
+    picker = gr.Dropdown(choices(), value=[], multiselect=True, label="Add from the checkpoint list and the jobs",
+                         info="A training job stands for each of its checkpoints, or pick one checkpoint.",
+                         elem_id=f"bksdm_{kind}_{field.name}_pick")
+    before = gr.State([])
+    refresh = gr.Button("Refresh the list", size="sm", elem_id=f"bksdm_{kind}_{field.name}_refresh")
+
+    def picked(text, chosen, previous):
+        return pick_models(text, chosen, previous), list(chosen or [])
+
+    def again(request: gr.Request):
+        context.check_read(request)
+        return gr.update(choices=choices(refresh=True))
+
+    picker.input(picked, inputs=[box, picker, before], outputs=[box, before])
+    refresh.click(again, outputs=[picker])
 
 
 # --- the job views -----------------------------------------------------------------------------
@@ -541,6 +631,45 @@ def job_checkpoint(runner: Runner, job_id: str) -> Path | None:
     return next((p for p in files if p.is_file()), None)
 
 
+def _html_table(header: list[str], rows: list[list[str]], elem_id: str = "") -> str:
+    cells = lambda tag, row: "".join(f"<{tag} style='padding: 2px 8px; text-align: left'>{html.escape(str(c))}</{tag}>"  # noqa: E731
+                                     for c in row)
+    body = "".join(f"<tr>{cells('td', row)}</tr>" for row in rows)
+    return (f"<table{f' id={elem_id!r}' if elem_id else ''} style='border-collapse: collapse; margin: 4px 0'>"
+            f"<thead><tr>{cells('th', header)}</tr></thead><tbody>{body}</tbody></table>")
+
+
+@dataclass
+class EvaluationView:
+    """What the Jobs view shows of a finished evaluation, all from its results.json (`evaluate.results`)."""
+    table: str  # HTML: N and the protocol, model x metric, the paper's numbers labelled as the paper's
+    grid: str | None  # grid.png: the same prompts, teacher | students
+    csv: str | None  # results.csv
+    history: str  # HTML: every evaluated model of every evaluation in the runner's jobs folder
+
+
+def evaluation_view(folder: str | os.PathLike, history_roots: list) -> EvaluationView | None:
+    """The results of the evaluate job in `folder`; None before it has any."""
+    from ..evaluate import results
+
+    table = results.load(folder)
+    if table is None:
+        return None
+    header, rows = results.model_table(table)
+    note, paper_header, paper = results.paper_table()
+    lines = "".join(f"<div>{html.escape(line)}</div>" for line in results.protocol_lines(table))
+    shown = (f"<div class='bksdm-evaluation'>{lines}{_html_table(header, rows, 'bksdm_evaluation_models')}"
+             f"<div style='opacity: .75; margin-top: 8px'>{html.escape(note)}</div>"
+             f"{_html_table(paper_header, paper, 'bksdm_evaluation_paper')}</div>")
+    history = results.history(history_roots)
+    history_header, history_rows = results.history_table(history)
+    past = (f"<div><b>History of evaluations</b> ({len(history)} models; <code>bksdm evaluations</code> prints the "
+            f"same)</div>{_html_table(history_header, history_rows, 'bksdm_evaluation_history_table')}")
+    grid, csv_file = Path(folder) / "grid.png", Path(folder) / "results.csv"
+    return EvaluationView(shown, str(grid) if grid.is_file() else None, str(csv_file) if csv_file.is_file() else None,
+                          past)
+
+
 def buttons_for(view: dict | None, can_use: bool) -> dict[str, bool]:
     """Which job buttons are active for the selected job's state."""
     state = view["state"] if view else None
@@ -579,6 +708,15 @@ def _jobs(context: TabContext):
         with gr.Column(scale=1):
             gallery = gr.Gallery(label="Validation samples: the teacher's image, then the student's", columns=4,
                                  object_fit="contain", elem_id="bksdm_samples")
+    with gr.Column(visible=False, elem_id="bksdm_evaluation") as evaluation_box:  # a finished evaluate job
+        evaluation_table = gr.HTML(elem_id="bksdm_evaluation_table")
+        with gr.Row():
+            evaluation_grid = gr.Image(label="The same prompts: teacher | students", type="filepath",
+                                       interactive=False, height=360, elem_id="bksdm_evaluation_grid")
+            with gr.Column():
+                evaluation_csv = gr.File(label="Download results.csv", interactive=False,
+                                         elem_id="bksdm_evaluation_csv")
+                evaluation_history = gr.HTML(elem_id="bksdm_evaluation_history")
     log_tail = gr.Textbox(label="Log", lines=14, max_lines=14, interactive=False, elem_id="bksdm_log",
                           show_copy_button=True)
     done_marker = gr.Textbox(visible=False, elem_id="bksdm_done_marker")
@@ -609,10 +747,18 @@ def _jobs(context: TabContext):
         outputs.append(" ".join(v["id"] for v in views if v["state"] == "done"))
         active = buttons_for(view, context.use_checkpoint is not None)
         outputs += [gr.update(interactive=active[name]) for name in buttons]
-        shown.update(ids=ids, job=job_id, plot=(job_id, len(losses)), samples=(job_id, samples))
+        evaluation = _evaluation_key(view)
+        if evaluation == shown.get("evaluation"):
+            outputs += [gr.update()] * 5
+        else:
+            result = evaluation_view(view["folder"], [runner.jobs_dir]) if evaluation else None
+            outputs += [gr.update(visible=True), result.table, result.grid, result.csv, result.history] if result \
+                else [gr.update(visible=False), "", None, None, ""]
+        shown.update(ids=ids, job=job_id, plot=(job_id, len(losses)), samples=(job_id, samples), evaluation=evaluation)
         return [*outputs, shown]
 
-    views_out = [handoff, table, selected, status, log_tail, plot, gallery, done_marker, *buttons.values(), seen]
+    views_out = [handoff, table, selected, status, log_tail, plot, gallery, done_marker, *buttons.values(),
+                 evaluation_box, evaluation_table, evaluation_grid, evaluation_csv, evaluation_history, seen]
     refresh.click(update, inputs=[selected, seen], outputs=views_out)
     selected.input(update, inputs=[selected, seen], outputs=views_out)
 
@@ -668,6 +814,16 @@ def _jobs(context: TabContext):
     for button in (confirm, keep):
         button.click(lambda: gr.update(visible=False), outputs=[confirm_row])
     return selected, seen, update, views_out
+
+
+def _evaluation_key(view: dict | None):
+    """What the shown results depend on: a finished evaluation's results.json (and the history's), None else."""
+    if not view or view["kind"] != "evaluate" or view["state"] != "done":
+        return None
+    try:
+        return view["id"], (Path(view["folder"]) / "results.json").stat().st_mtime_ns, time.time() // 30
+    except OSError:
+        return None
 
 
 def use_in_txt2img(context: TabContext, job_id: str) -> str:
@@ -846,4 +1002,14 @@ def build_tab(context: TabContext) -> gr.Blocks:
 
         for form in filter(None, forms):  # the Jobs view follows the job just launched
             form.launched.then(follow, inputs=[form.job_id, seen], outputs=views_out)
+    _own_values(tab)
     return tab
+
+
+def _own_values(tab: gr.Blocks) -> None:
+    """Keep every form's own defaults in the WebUI. It keeps a tab's values in ui-config.json by the tab's
+    name and each field's label alone (modules/ui_loadsave.py, 1.6-1.10), so the kinds' same-labelled
+    fields (Mode, Learning rate, Output folder...) would all show the first form's values. The tab's
+    saved recipes are its presets. Elsewhere gradio ignores the attribute."""
+    for block in tab.blocks.values():
+        block.do_not_save_to_config = True

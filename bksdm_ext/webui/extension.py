@@ -205,15 +205,17 @@ def on_ui_tabs():
     from .. import kinds
     from ..ui.tab import TabContext, build_tab
     from . import timings
-    from .models import checkpoint_files, checkpoint_title, current_checkpoint, models_dir, models_view_rows
+    from .models import (checkpoint_files, checkpoint_title, current_checkpoint, lora_dir, models_dir,
+                         models_view_rows)
 
-    # finished models land in models/Stable-diffusion/BK-SDM, so the checkpoint list shows them
+    # finished models land in models/Stable-diffusion/BK-SDM, so the checkpoint list shows them, and LoRAs
+    # in the Lora folder, where the Lora extension finds them (the checkpoint list refuses them)
     outputs = {"output_dir": str(models_dir())}
     context = TabContext(runner(), _guard(), origin=_origin(), timings_store=timings.store_path,
                          benchmark=timings.run_benchmark, checkpoint_choices=timings.checkpoint_titles,
                          checkpoints=checkpoint_files, use_checkpoint=checkpoint_title, models_rows=models_view_rows,
                          current_checkpoint=current_checkpoint, samplers=sampler_names,
-                         form_defaults={name: outputs for name, kind in kinds.all().items()
+                         lora_output_dir=str(lora_dir()), form_defaults={name: outputs for name, kind in kinds.all().items()
                                         if "output_dir" in {s.name for s in kind.config_class().settings()}})
     ext.tab = build_tab(context)
     return [(ext.tab, "BK-SDM", "bksdm")]

@@ -21,6 +21,17 @@ def models_dir() -> Path:
     return Path(sd_models.model_path) / SUBFOLDER
 
 
+def lora_dir() -> Path:
+    """The built-in Lora extension's folder, where jobs put the LoRAs they make: --lora-dir (its default is
+    models/Lora under the models folder, which follows --data-dir and --models-dir)."""
+    configured = getattr(shared.cmd_opts, "lora_dir", None)  # the Lora extension's preload adds the flag
+    if configured:
+        return Path(configured)
+    from modules import paths
+
+    return Path(paths.models_path) / "Lora"
+
+
 def model_report() -> dict:
     """GET /bksdm/v1/model: the loaded checkpoint's layout, version and key check, and whether a load is
     under way (`state`: "loading", "loaded" or "none"; `loading`: the checkpoint being loaded)."""
