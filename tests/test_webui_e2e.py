@@ -212,7 +212,7 @@ def launch(name: str, ckpt: Path, *flags: str, probe: str | None = None, extensi
         (data / "extensions" / "zz-bksdm-probe" / "scripts").mkdir(parents=True)
         (data / "extensions" / "zz-bksdm-probe" / "scripts" / "probe.py").write_text(probe)
     log = RUNS / f"webui-{name}.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
     lora_dir = lora_dir or _write_lora(WORK / "lora")
     for attempt in range(1, STARTUP_ATTEMPTS + 1):
         port = _free_port()
@@ -226,6 +226,8 @@ def launch(name: str, ckpt: Path, *flags: str, probe: str | None = None, extensi
                                        start_new_session=True)
         server = WebUI(port, process, log)
         deadline = time.time() + 900
+        while time.time() < deadline and process.poll() is None and not started(log):
+            time.sleep(1)  # no request before the WebUI has added its middleware (see STARTUP_ATTEMPTS)
         while time.time() < deadline and process.poll() is None:
             try:
                 if server.get("/bksdm/v1/model")["state"] == "loaded":  # the start-up load is over
@@ -236,24 +238,35 @@ def launch(name: str, ckpt: Path, *flags: str, probe: str | None = None, extensi
         if process.poll() is None:
             server.stop()
             pytest.fail(f"the WebUI did not load its model in 15 minutes: see {log}")
-        if attempt == STARTUP_ATTEMPTS or not gradio_startup_check_failed(log.read_text(errors="replace")):
+        if attempt == STARTUP_ATTEMPTS or not startup_race(log.read_text(errors="replace")):
             pytest.fail(f"the WebUI exited: see {log}")
         kept = log.with_name(f"{log.stem}.attempt{attempt}.log")
         log.replace(kept)
-        print(f"the WebUI stopped at gradio's start-up check (see {kept}); starting it again")
+        print(f"the WebUI ended in a start-up race (see {kept}); starting it again")
     raise AssertionError("unreachable")
 
 
-# gradio 3.41's launch() checks its own page with a HEAD request of 3 s timeout (networking.url_ok) and
-# gives the server thread 5 s to come up; under heavy load the answer can be late, and the WebUI then exits
-# during start-up, before any of our code runs in a request. Only that failure is retried.
+# Two start-up races of the WebUI itself (1.6-1.10), neither in our code, which load makes likelier:
+# - after gradio serves, the WebUI adds middleware (setup_middleware, then the API's @app.middleware); a
+#   request in between makes starlette build its stack, and the next add raises "Cannot add middleware
+#   after an application has started": the WebUI exits. So launch() sends nothing before the WebUI has
+#   printed its "Startup time" (after its app_started callbacks);
+# - gradio 3.41's launch() checks its own page with a HEAD request of 3 s timeout (networking.url_ok,
+#   whose ReadTimeout is not caught) and gives its server thread 5 s to come up: a late answer under
+#   heavy load ends the WebUI too. That failure (and the first, should a request still come early) is
+#   started again, with the failed attempt's log kept.
 STARTUP_ATTEMPTS = 3
-GRADIO_STARTUP_FAILURES = ("in url_ok", "When localhost is not accessible", "Server failed to start")
+STARTUP_RACES = ("in url_ok", "When localhost is not accessible", "Server failed to start",
+                 "Cannot add middleware after an application has started")
 
 
-def gradio_startup_check_failed(log: str) -> bool:
-    """Whether a WebUI's log ends in gradio's start-up check (its own HEAD / timed out or was refused)."""
-    return "Startup time:" not in log and any(failure in log for failure in GRADIO_STARTUP_FAILURES)
+def started(log: Path) -> bool:
+    return "Startup time:" in log.read_text(errors="replace")
+
+
+def startup_race(log: str) -> bool:
+    """Whether a WebUI's log ends in one of its start-up races (above)."""
+    return "Startup time:" not in log and any(failure in log for failure in STARTUP_RACES)
 
 
 @pytest.fixture(scope="module")
