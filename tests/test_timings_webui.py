@@ -74,6 +74,9 @@ def webui(tmp_path_factory):
     missing = [name for name in NEEDED if not os.environ.get(name)]
     if missing or sys.platform == "win32":
         pytest.skip(f"set {', '.join(missing)} to run the WebUI end-to-end timing tests (Linux)")
+    from test_webui_e2e import run_install_py
+
+    run_install_py()  # as the WebUI does at start (it is launched with --skip-install here)
     data = tmp_path_factory.mktemp("webui-data")
     (data / "extensions").mkdir()
     (data / "extensions" / "sd-webui-bk-sdm").symlink_to(REPO)
@@ -187,13 +190,24 @@ def test_a_nested_generation_is_recorded_on_its_own_and_a_dead_one_not_at_all(we
 def test_a_ui_style_generation_records_the_schedule_its_infotext_shows(webui):
     base, db = webui
     before = len(_rows(db))
-    # what the UI sends: the sampler, and "Automatic" as the schedule (DPM++ 2M then runs its own, Karras)
-    result = _call(f"{base}/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
-                                                "sampler_name": "DPM++ 2M", "scheduler": "Automatic"})
+    try:
+        _call(f"{base}/sdapi/v1/schedulers")
+        schedulers = True  # 1.9+
+    except urllib.error.HTTPError:
+        schedulers = False
+    # what the UI sends: 1.9+ the sampler, and "Automatic" as the schedule (DPM++ 2M then runs its own, Karras);
+    # 1.6-1.8 its sampler names carry the schedule
+    sampling = {"sampler_name": "DPM++ 2M", "scheduler": "Automatic"} if schedulers else {
+        "sampler_name": "DPM++ 2M Karras"}
+    result = _call(f"{base}/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, **sampling})
     infotext = json.loads(result["info"])["infotexts"][0]
     shown = dict(part.split(": ", 1) for part in infotext.splitlines()[-1].split(", ") if ": " in part)
     row = _rows(db)[before]
-    assert (row.sampler, row.schedule) == (shown["Sampler"], shown["Schedule type"]) == ("DPM++ 2M", "Karras")
+    if schedulers:
+        assert (row.sampler, row.schedule) == (shown["Sampler"], shown["Schedule type"]) == ("DPM++ 2M", "Karras")
+    else:  # kept in the 1.9+ form, so that rows of every version group together
+        assert "Schedule type" not in shown and shown["Sampler"] == "DPM++ 2M Karras"
+        assert (row.sampler, row.schedule) == ("DPM++ 2M", "Karras")
 
 
 def test_the_model_route_said_loading_until_the_start_up_model_was_there(webui):
