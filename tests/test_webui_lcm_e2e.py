@@ -128,6 +128,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     job = tmp_path_factory.mktemp("lcm") / "job"
     _train(folder, job, lora_dir)
     merged = LCM / "ckpts" / "bk-small-merged.safetensors"
+    _remove(merged)
     _merged(folder, job / "output" / f"{NAME}-diffusers" / "pytorch_lora_weights.safetensors", merged)
     return {"base": base, "merged": merged, "lora": lora_dir / f"{NAME}.safetensors", "lora_dir": lora_dir}
 
@@ -138,7 +139,12 @@ def webui(trained):
                     lora_dir=trained["lora_dir"])
     yield server
     server.stop()
-    trained["merged"].unlink(missing_ok=True)  # remade from each run's LoRA
+    _remove(trained["merged"])  # remade from each run's LoRA
+
+
+def _remove(checkpoint: Path) -> None:
+    for path in (checkpoint, checkpoint.with_suffix(".yaml")):
+        path.unlink(missing_ok=True)
 
 
 def _mean_difference(a: bytes, b: bytes) -> float:
