@@ -210,7 +210,10 @@ def check_value(s: Setting, value: Any) -> None:
 
 
 def _shared_names(cls) -> set[str]:
-    """Fields declared by a config base class of `cls` (not by the kind's own class)."""
+    """Fields declared by a config base class of `cls` (not by the kind's own class).
+
+    A dataclass mixin that is no JobConfig (e.g. `train.config.CaptionedImages`) lends several kinds the
+    same settings as their own: they are not counted here."""
     names: set[str] = set()
     for base in cls.__mro__[1:]:
         if dataclasses.is_dataclass(base) and issubclass(base, JobConfig):

@@ -234,7 +234,7 @@ def _cli_settings(parser, kind: str) -> list[str]:
     return [a.dest[len(prefix):] for a in sub._actions if a.dest.startswith(prefix)]
 
 
-@pytest.mark.parametrize("name", ["distill", "dreambooth", "count"])
+@pytest.mark.parametrize("name", ["distill", "dreambooth", "lcm", "count"])
 def test_the_tab_and_the_cli_agree_on_the_settings_and_which_are_the_kind_own(name):
     import count_job  # noqa: F401  (registers the test kind)
 
@@ -249,6 +249,26 @@ def test_the_tab_and_the_cli_agree_on_the_settings_and_which_are_the_kind_own(na
         assert "resolution" not in own and "base_model" in own and "max_steps" not in own
     for s in cls.settings():  # every setting has a human label and a group
         assert s.labelled and s.label != s.name.replace("_", " ") and s.group in job_config.GROUPS, s.name
+
+
+def test_the_captioned_image_settings_are_declared_once_and_are_each_kinds_own():
+    import dataclasses
+
+    from bksdm_ext.train.config import CaptionedImages
+    from bksdm_ext.ui.tab import form_groups
+
+    names = [f.name for f in dataclasses.fields(CaptionedImages)]
+    assert names == ["data", "caption_column", "image_column"]
+    described = []
+    for name in ("distill", "lcm"):
+        settings = kinds.get(name).config_class().settings()
+        assert [s.name for s in settings if s.own and s.name in names] == names
+        everyday, advanced = next((e, a) for group, e, a in form_groups(settings) if group == "Data")
+        # the form's Data group shows the kind's own first: the folder, then resolution; the columns, then cropping
+        assert [s.name for s in everyday][:2] == ["data", "resolution"]
+        assert [s.name for s in advanced][:3] == ["caption_column", "image_column", "center_crop"]
+        described.append([s for s in settings if s.name in names])
+    assert described[0] == described[1]
 
 
 def test_positional_and_multi_value_settings_become_positional_arguments(echo, tmp_path):

@@ -338,3 +338,49 @@ def test_lcm_lora_applied_the_webui_way_gives_the_trained_peft_weights(layout, o
     assert changed == len({k.split(".")[0] for k in lora})
     with torch.no_grad():
         assert torch.allclose(ldm(x, t, context), peft_out, atol=1e-4)
+
+
+def _read_as_diffusers_does(model, state: dict, is_unet: bool) -> None:
+    """diffusers 0.31's reading of its LoRA file into `model` (loaders/unet.py `_process_lora`, and the text
+    encoder's alike): rank from lora_B, alpha from `get_peft_kwargs` (the file has none), peft's injection.
+    `load_lora_weights` itself needs transformers >= 4.34 (its PEFT backend); these are its steps."""
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    rank = {k: v.shape[1] for k, v in state.items() if "lora_B" in k}
+    inject_adapter_in_model(LoraConfig(**get_peft_kwargs(rank, None, state, is_unet=is_unet)), model)
+    assert not set_peft_model_state_dict(model, state).unexpected_keys
+
+
+def test_the_diffusers_lora_file_read_as_diffusers_reads_it_gives_the_trained_lora(tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from bksdm_ext.job import Outputs
+    from bksdm_ext.train.dreambooth import TEXT_LORA_TARGETS
+    from bksdm_ext.train.lcm_distill import LORA_TARGETS
+    from bksdm_ext.train.lora import add_lora, write_lora
+    from tiny import tiny_text_encoder, tiny_unet
+
+    unet, text_encoder = tiny_unet("small"), tiny_text_encoder()
+    add_lora(unet, 4, 8.0, LORA_TARGETS)  # alpha != rank, as DreamBooth's defaults (16, 27) are
+    add_lora(text_encoder, 4, 2.0, TEXT_LORA_TARGETS)
+    torch.manual_seed(1)
+    with torch.no_grad():  # as after training: up-projections are no longer zero
+        for name, p in [*unet.named_parameters(), *text_encoder.named_parameters()]:
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    out = Outputs(tmp_path / "job", "", "lora")
+    write_lora(out, unet, text_encoder, "small", {})
+    tensors = load_file(str(out.lora_diffusers / "pytorch_lora_weights.safetensors"))
+    fresh_unet, fresh_text = tiny_unet("small"), tiny_text_encoder()
+    for model, prefix, is_unet in ((fresh_unet, "unet.", True), (fresh_text, "text_encoder.", False)):
+        _read_as_diffusers_does(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                is_unet)
+    x, t, context, ids = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 5, 32), torch.tensor([[1, 7, 9]])
+    with torch.no_grad():
+        trained, read = unet(x, t, context).sample, fresh_unet(x, t, context).sample
+        assert (trained - tiny_unet("small")(x, t, context).sample).abs().max() > 1e-2  # the LoRA acts
+        assert torch.allclose(read, trained, atol=1e-5), (read - trained).abs().max()
+        trained, read = text_encoder(ids).last_hidden_state, fresh_text(ids).last_hidden_state
+        assert (trained - tiny_text_encoder()(ids).last_hidden_state).abs().max() > 1e-2
+        assert torch.allclose(read, trained, atol=1e-5), (read - trained).abs().max()

@@ -111,7 +111,28 @@ SMALL_GPU = {"resolution": 512, "gradient_checkpointing": True, "optimizer": "ad
 
 
 @dataclass
-class DistillConfig(TrainConfig):
+class CaptionedImages:
+    """The captioned image folder that distillation and latent-consistency distillation train on.
+
+    A mixin, not a JobConfig: its settings count as each kind's own (`JobConfig.settings`), so they stay
+    in the kind's own part of the CLI and the form."""
+
+    data: str = setting("", "Image folder with metadata.jsonl or metadata.csv (file_name, text), as "
+                            "LAION-Aesthetics.", label="Training images", group="Data", kind="folder")
+    caption_column: str = setting("text", "Caption column of the metadata.", label="Caption column", group="Data",
+                                  advanced=True)
+    image_column: str = setting("file_name", "Image file column of the metadata.", label="Image column",
+                                group="Data", advanced=True)
+
+    def check_data(self) -> None:
+        """The folder's metadata names existing images with captions (else BKSDMError saying what is wrong)."""
+        from .data import read_metadata
+
+        read_metadata(self.data, self.image_column, self.caption_column)
+
+
+@dataclass
+class DistillConfig(TrainConfig, CaptionedImages):
     """Distillation retraining of a BK-SDM student from an SD teacher (BKSDM.md §3)."""
 
     kind: ClassVar[str] = "distill"
@@ -128,12 +149,6 @@ class DistillConfig(TrainConfig):
     layout: str = setting("small", "Student layout to build from the teacher and train: a named one, or a custom "
                           "spec of what is kept, e.g. 'down=2,1,1,2 mid=no' (as `bksdm prune --keep`).",
                           label="Student layout", group="Model", choices=lambda: layouts.STUDENTS, custom=True)
-    data: str = setting("", "Image folder with metadata.jsonl or metadata.csv (file_name, text), as "
-                            "LAION-Aesthetics.", label="Training images", group="Data", kind="folder")
-    caption_column: str = setting("text", "Caption column of the metadata.", label="Caption column", group="Data",
-                                  advanced=True)
-    image_column: str = setting("file_name", "Image file column of the metadata.", label="Image column",
-                                group="Data", advanced=True)
     lambda_task: float = setting(1.0, "Weight of the task loss ||eps - eps_student||^2.", label="Task loss weight",
                                  group="Losses", advanced=True, min=0.0)
     lambda_out_kd: float = setting(1.0, "Weight of the output-KD loss ||eps_teacher - eps_student||^2.",
@@ -161,15 +176,13 @@ class DistillConfig(TrainConfig):
                              label="Cache folder", group="Speed & memory", advanced=True, kind="folder")
 
     def validate(self) -> None:
-        from .data import read_metadata
-
         lay = layouts.get_layout(self.layout)  # an unknown name is named as such, before the choices check
         if not lay.is_student:
             raise BKSDMError(f"layout must be a student layout: {', '.join(layouts.STUDENTS)}, or a spec of "
                              "what is kept (e.g. 'down=2,1,1,2 mid=no').")
         super().validate()
         check_model_source(self.teacher, "teacher")
-        read_metadata(self.data, self.image_column, self.caption_column)
+        self.check_data()
         if self.use_ema and not 0 < self.ema_decay < 1:
             raise BKSDMError("ema_decay must be between 0 and 1.")
         if self.feature_kd not in FEATURE_KD:

@@ -36,7 +36,7 @@ from ..errors import BKSDMError
 from . import lcm
 from ..io import check_model_source
 from ..job_config import setting
-from .config import DreamBoothConfig, TrainConfig
+from .config import CaptionedImages, DreamBoothConfig, TrainConfig
 from .data import batch_source
 from .distill import conditioning, half_autocast, make_dataset, read_pairs
 from .export import check_output_free, export_model, model_bytes, output_dir, outputs
@@ -55,7 +55,7 @@ MODES = ("lora", "full")
 
 
 @dataclass
-class LcmConfig(TrainConfig):
+class LcmConfig(TrainConfig, CaptionedImages):
     """Latent consistency distillation into a few-step model (BKSDM.md §6), LoRA or full."""
 
     kind: ClassVar[str] = "lcm"
@@ -69,12 +69,6 @@ class LcmConfig(TrainConfig):
     mode: str = setting("lora", "lora: LCM-LoRA adapters (rank 64); full: all U-Net weights, with an EMA target "
                                 "network. Both outputs load in the WebUI.", label="Mode", group="Model",
                         choices=MODES)
-    data: str = setting("", "Image folder with metadata.jsonl or metadata.csv (file_name, text), as for "
-                            "distillation.", label="Training images", group="Data", kind="folder")
-    caption_column: str = setting("text", "Caption column of the metadata.", label="Caption column", group="Data",
-                                  advanced=True)
-    image_column: str = setting("file_name", "Image file column of the metadata.", label="Image column",
-                                group="Data", advanced=True)
     lora_rank: int = setting(64, "LoRA rank (diffusers' LCM-LoRA: 64).", label="LoRA rank", group="Recipe", min=1,
                              max=1024)
     lora_alpha: float = setting(64.0, "LoRA alpha (= rank: no extra scaling).", label="LoRA alpha", group="Recipe",
@@ -121,8 +115,6 @@ class LcmConfig(TrainConfig):
     lr = DreamBoothConfig.lr  # the same rule: the set learning rate, else 1e-4 for LoRA and 1e-6 for full
 
     def validate(self) -> None:
-        from .data import read_metadata
-
         super().validate()  # types, choices and ranges of every setting
         check_model_source(self.model, "model")
         unet_config = Path(self.model) / "unet" / "config.json"
@@ -130,7 +122,7 @@ class LcmConfig(TrainConfig):
             layout_of(json.loads(unet_config.read_text()))
         if self.teacher:
             check_model_source(self.teacher, "teacher")
-        read_metadata(self.data, self.image_column, self.caption_column)
+        self.check_data()
         if not 0 <= self.w_min <= self.w_max:
             raise BKSDMError(f"Guidance needs 0 <= w_min <= w_max, not {self.w_min} and {self.w_max}.")
         if not 0 < self.target_ema_decay < 1:

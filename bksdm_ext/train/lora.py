@@ -69,7 +69,6 @@ def write_lora(out, unet, text_encoder, layout: str, metadata: dict[str, str]) -
     """The LoRA at `out` (a `job.Outputs`): `out.single`, the WebUI's LDM naming with kohya-style `ss_*` and
     `bksdm.*` metadata, and `out.lora_diffusers` (diffusers' LoRA file). Returns the WebUI file."""
     from diffusers import StableDiffusionPipeline
-    from peft import get_peft_model_state_dict
 
     from ..io import write_safetensors
 
@@ -79,6 +78,21 @@ def write_lora(out, unet, text_encoder, layout: str, metadata: dict[str, str]) -
     path = write_safetensors(out.single, webui_lora_state_dict(unet, text_encoder, layout, family),
                              {"ss_network_module": "networks.lora", "bksdm.layout": layout, **metadata})
     StableDiffusionPipeline.save_lora_weights(
-        out.lora_diffusers, unet_lora_layers=get_peft_model_state_dict(unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(text_encoder) if text_encoder is not None else None)
+        out.lora_diffusers, unet_lora_layers=diffusers_lora_state_dict(unet),
+        text_encoder_lora_layers=diffusers_lora_state_dict(text_encoder) if text_encoder is not None else None)
     return path
+
+
+def diffusers_lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft's state dict of `model`'s LoRA with each module's scaling (alpha / rank) folded into lora_B.
+
+    diffusers' file has no alpha: `load_lora_weights` reads lora_alpha = rank (scale 1), so an alpha
+    other than the rank would change the LoRA's strength there unless folded in.
+    """
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    for name, _, _, scaling in lora_modules(model):
+        key = f"{name}.lora_B.weight"
+        state[key] = state[key] * scaling
+    return state
