@@ -23,8 +23,21 @@ from ..io import check_model_source
 from ..job import PARTIAL_PREFIX, JobFolder, checkpoint_step
 from ..job_config import read_toml
 
-# the kinds whose checkpoints hold a model, and the setting naming the model their weights go into
-BASE_SETTING = {"distill": "teacher", "lcm": "model", "dreambooth": "base_model"}
+
+def model_setting(kind: str | None) -> str:
+    """The setting of a kind's config naming the model its checkpoints' weights go into; '' for a kind whose
+    checkpoints hold no model (or no kind)."""
+    from .. import kinds
+
+    known = kinds.all().get(kind or "")
+    return getattr(known.config_class(), "model_setting", "") if known else ""
+
+
+def kinds_with_models() -> list[str]:
+    """The kinds whose checkpoints hold a model (training jobs)."""
+    from .. import kinds
+
+    return [name for name in kinds.all() if model_setting(name)]
 
 
 @dataclass(frozen=True)
@@ -56,10 +69,10 @@ def job_kind(path: Path) -> str | None:
 def _trained_job(path: Path, source: str) -> str:
     """The kind of a training job's folder; a BKSDMError for a job of another kind."""
     kind = job_kind(path)
-    if kind not in BASE_SETTING:
+    if not model_setting(kind):
         what = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}" if kind else "a"
         raise BKSDMError(f"{source} is {what} job folder without checkpoints of a model "
-                         f"(only {', '.join(BASE_SETTING)} jobs have them): give its output model instead.")
+                         f"(only {', '.join(kinds_with_models())} jobs have them): give its output model instead.")
     return kind
 
 
@@ -105,7 +118,7 @@ def check(source: str, name: str = "model") -> None:
     checkpoint = as_checkpoint(source)
     found = [checkpoint] if checkpoint else job_checkpoints(source)
     if found:
-        setting = BASE_SETTING[found[0].kind]
+        setting = model_setting(found[0].kind)
         base = base_model(found[0])
         if not base:
             raise BKSDMError(f"{found[0].name}: the job's config.toml names no {setting}.")
@@ -134,7 +147,7 @@ def job_config(checkpoint: JobCheckpoint):
 
 
 def base_model(checkpoint: JobCheckpoint) -> str:
-    return str(getattr(job_config(checkpoint), BASE_SETTING[checkpoint.kind]) or "")
+    return str(getattr(job_config(checkpoint), model_setting(checkpoint.kind)) or "")
 
 
 def load(source: str, device, dtype=None):
@@ -164,7 +177,7 @@ def load_checkpoint(checkpoint: JobCheckpoint, device, dtype=None):
 
     config = job_config(checkpoint)
     pipe = load_pipeline(base_model(checkpoint), device, dtype)
-    modules = _prepare_modules(checkpoint.kind, config, pipe)
+    modules = config.checkpoint_modules(pipe)
     try:
         weights, group = exported_weights(checkpoint.path)
     except OSError:  # removed meanwhile: a running job keeps its newest checkpoints_keep only
@@ -185,33 +198,10 @@ def load_checkpoint(checkpoint: JobCheckpoint, device, dtype=None):
                          "edited after training?")
     unet = modules.get("student", pipe.unet).to(device=pipe.device, dtype=pipe.dtype).eval()
     pipe.text_encoder.to(device=pipe.device, dtype=pipe.dtype)
-    if checkpoint.kind == "distill":
+    if "student" in modules:  # a new layout; adapters keep the base model's
         pipe.layout, _ = describe_unet(unet, pipe.scheduler_config)
     pipe.unet, pipe.name = unet, checkpoint.name
     pipe.checkpoint_hash = short_hash(checkpoint.path / f"{group}.safetensors")
-    print(f"{checkpoint.name}: {config.kind} job's {BASE_SETTING[checkpoint.kind]} {base_model(checkpoint)} with "
+    print(f"{checkpoint.name}: {config.kind} job's {model_setting(checkpoint.kind)} {base_model(checkpoint)} with "
           f"the {'EMA' if group == 'ema' else 'trained'} weights of {checkpoint.path}", flush=True)
     return pipe
-
-
-def _prepare_modules(kind: str, config, pipe) -> dict:
-    """The modules the checkpoint's weights load into, shaped as the job trained them."""
-    from ..train.lora import add_lora
-
-    if kind == "distill":
-        from ..student import build_student
-
-        student, _ = build_student(pipe.unet, config.layout)
-        return {"student": student}
-    if config.mode == "lora":
-        if kind == "lcm":
-            from ..train.lcm_distill import LORA_TARGETS
-
-            add_lora(pipe.unet, config.lora_rank, config.lora_alpha, LORA_TARGETS)
-        else:
-            from ..train.dreambooth import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
-
-            add_lora(pipe.unet, config.lora_rank, config.lora_alpha, UNET_LORA_TARGETS)
-            if config.train_text_encoder:
-                add_lora(pipe.text_encoder, config.text_lora_rank, config.text_lora_alpha, TEXT_LORA_TARGETS)
-    return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}

@@ -34,6 +34,15 @@ DEFAULT_PROMPTS = (
 class TrainConfig(JobConfig):
     """What every training job shares: optimiser, precision, speed switches, checkpoints, samples."""
 
+    # the setting naming the model a checkpoint's weights go into (an evaluation of the job's checkpoints
+    # builds on it: `evaluate.sources`)
+    model_setting: ClassVar[str] = ""
+
+    def checkpoint_modules(self, pipe) -> dict:
+        """The modules a checkpoint's weight groups load into (group name -> module), made from `pipe`'s
+        parts (the `model_setting` model) shaped as this job trains them."""
+        raise NotImplementedError
+
     resolution: int = setting(512, "Training image side in pixels (images are resized on the shorter side, then "
                                    "cropped).", label="Resolution (px)", group="Data", min=64, max=2048, multiple_of=8)
     train_batch_size: int = setting(64, "Images per step on each device.", label="Batch size", group="Recipe",
@@ -136,6 +145,7 @@ class DistillConfig(TrainConfig, CaptionedImages):
     """Distillation retraining of a BK-SDM student from an SD teacher (BKSDM.md §3)."""
 
     kind: ClassVar[str] = "distill"
+    model_setting: ClassVar[str] = "teacher"
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "Quick test": QUICK_TEST,
         "Single 24 GB GPU": {**SMALL_GPU, "train_batch_size": 8, "gradient_accumulation_steps": 32, "cache": True,
@@ -197,12 +207,19 @@ class DistillConfig(TrainConfig, CaptionedImages):
             raise BKSDMError(f"feature_kd_stage_weights needs {len(pairs)} non-negative numbers for the {lay.name} "
                              f"layout (stages {', '.join(s for _, s in pairs)}), or none; got {list(weights)}.")
 
+    def checkpoint_modules(self, pipe) -> dict:
+        from ..student import build_student
+
+        student, _ = build_student(pipe.unet, self.layout)
+        return {"student": student}
+
 
 @dataclass
 class DreamBoothConfig(TrainConfig):
     """DreamBooth personalisation of a BK-SDM (or SD) model, full or LoRA (BKSDM.md §4)."""
 
     kind: ClassVar[str] = "dreambooth"
+    model_setting: ClassVar[str] = "base_model"
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "Quick test": {**QUICK_TEST, "train_batch_size": 1},
         "Single 24 GB GPU": {**SMALL_GPU, "train_batch_size": 1},
@@ -274,6 +291,16 @@ class DreamBoothConfig(TrainConfig):
         if self.learning_rate is not None:
             return self.learning_rate
         return 1e-4 if self.mode == "lora" else 1e-6
+
+    def checkpoint_modules(self, pipe) -> dict:
+        if self.mode == "lora":
+            from .dreambooth import TEXT_LORA_TARGETS, UNET_LORA_TARGETS
+            from .lora import add_lora
+
+            add_lora(pipe.unet, self.lora_rank, self.lora_alpha, UNET_LORA_TARGETS)
+            if self.train_text_encoder:
+                add_lora(pipe.text_encoder, self.text_lora_rank, self.text_lora_alpha, TEXT_LORA_TARGETS)
+        return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
 
     def validate(self) -> None:
         from .data import list_images

@@ -59,6 +59,7 @@ class LcmConfig(TrainConfig, CaptionedImages):
     """Latent consistency distillation into a few-step model (BKSDM.md §6), LoRA or full."""
 
     kind: ClassVar[str] = "lcm"
+    model_setting: ClassVar[str] = "model"
 
     model: str = setting("", "The model to make few-step: a BK-SDM or SD-1/2 diffusers folder or single-file "
                              "checkpoint.", label="Model", group="Model", kind="model")
@@ -113,6 +114,11 @@ class LcmConfig(TrainConfig, CaptionedImages):
                                 label="Sample steps", group="Output", advanced=True, min=1, max=1000)
 
     lr = DreamBoothConfig.lr  # the same rule: the set learning rate, else 1e-4 for LoRA and 1e-6 for full
+
+    def checkpoint_modules(self, pipe) -> dict:
+        if self.mode == "lora":
+            add_lora(pipe.unet, self.lora_rank, self.lora_alpha, LORA_TARGETS)
+        return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
 
     def validate(self) -> None:
         super().validate()  # types, choices and ranges of every setting

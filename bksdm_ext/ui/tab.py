@@ -462,11 +462,11 @@ def _model_refresh(context: TabContext, box, kind: str, field: Setting) -> None:
 def job_models(runner: Runner) -> dict[str, str]:
     """The training jobs a model picker of several models offers, title -> path: a job with complete
     checkpoints (its folder: each of them; and each one alone) and a job's finished diffusers model."""
-    from ..evaluate.sources import BASE_SETTING
+    from ..evaluate.sources import model_setting
 
     out: dict[str, str] = {}
     for job in runner.list():
-        if job.kind not in BASE_SETTING:
+        if not model_setting(job.kind):
             continue
         folder = JobFolder(job.folder)
         checkpoints = folder.complete_checkpoints()
@@ -818,7 +818,7 @@ def _jobs(context: TabContext):
 
 def _evaluation_key(view: dict | None):
     """What the shown results depend on: a finished evaluation's results.json (and the history's), None else."""
-    if not view or view["kind"] != "evaluate" or view["state"] != "done":
+    if not view or view["state"] != "done":  # an evaluation's results.json: other kinds have none
         return None
     try:
         return view["id"], (Path(view["folder"]) / "results.json").stat().st_mtime_ns, time.time() // 30
