@@ -98,7 +98,8 @@ class JobConfig:
 
     @classmethod
     def settings(cls) -> list[Setting]:
-        """Every setting, the kind's own first (model, data), then the shared ones, in declaration order."""
+        """Every setting, the kind's own first (model, data), then the shared ones, in declaration order; the
+        settings a mixin lends (`_shared_names`) follow the kind's leading Model settings."""
         shared = _shared_names(cls)
         out = []
         for f in dataclasses.fields(cls):
@@ -120,7 +121,11 @@ class JobConfig:
                 multiple_of=meta.get("multiple_of"), positional=bool(meta.get("positional")),
                 nargs=meta.get("nargs"), kind=meta.get("kind"), optional=optional or default is None,
                 own=f.name not in shared, labelled=bool(label)))
-        return [s for s in out if s.own] + [s for s in out if not s.own]
+        lent = _mixin_names(cls)
+        own = [s for s in out if s.own and s.name not in lent]
+        first_other = next((i for i, s in enumerate(own) if s.group != "Model"), len(own))
+        return (own[:first_other] + [s for s in out if s.name in lent] + own[first_other:]
+                + [s for s in out if not s.own])
 
     @classmethod
     def setting(cls, name: str) -> Setting:
@@ -219,6 +224,12 @@ def _shared_names(cls) -> set[str]:
         if dataclasses.is_dataclass(base) and issubclass(base, JobConfig):
             names |= {f.name for f in dataclasses.fields(base)}
     return names
+
+
+def _mixin_names(cls) -> set[str]:
+    """Fields a dataclass mixin that is no JobConfig lends `cls` (declared before the kind's own fields)."""
+    return {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) and not issubclass(base, JobConfig)
+            for f in dataclasses.fields(base)}
 
 
 def _type_of(f: dataclasses.Field) -> tuple[str, bool]:
