@@ -103,9 +103,9 @@ class TabContext:
         except BKSDMError:
             return {}
 
-    def launch_sources(self) -> dict[str, str]:
+    def launch_sources(self, refresh: bool = False) -> dict[str, str]:
         """What a launched form's model titles stand for: the checkpoint list and the training jobs (`job_models`)."""
-        return {**self.model_sources(), **job_models(self.runner)}
+        return {**self.model_sources(refresh), **job_models(self.runner)}
 
     def timings_path(self) -> Path:
         return self.timings_store() if self.timings_store else self.runner.data_dir / "timings.sqlite3"
@@ -402,7 +402,7 @@ def _form(context: TabContext, kind: Kind) -> Form | None:
                     raise BKSDMError("No checkpoint is selected in the WebUI: pick one in its checkpoint list "
                                      "first, or choose the model in this form and launch.")
                 sources = context.model_sources()
-                values = form_values(fields, list(raw), {**sources, **job_models(context.runner)})
+                values = form_values(fields, list(raw), context.launch_sources())
                 values[current_setting] = str(current)
                 # the form then names what was launched: the list's title for that file
                 shown[0] = next((t for t, f in sources.items() if Path(f) == Path(current)), str(current))
@@ -492,8 +492,7 @@ def pick_models(text: str, picked: list[str], before: list[str]) -> str:
 def _models_picker(context: TabContext, box: gr.Textbox, kind: str, field: Setting) -> None:
     """Under a box of several models: the checkpoint list (and the training jobs) to add from, several at once,
     with its refresh; the box keeps their order and any typed path."""
-    choices = lambda refresh=False: [*context.model_sources(refresh), *job_models(context.runner)]  # noqa: E731
-    picker = gr.Dropdown(choices(), value=[], multiselect=True, label="Add from the checkpoint list and the jobs",
+    picker = gr.Dropdown(list(context.launch_sources()), value=[], multiselect=True, label="Add from the checkpoint list and the jobs",
                          info="A training job stands for each of its checkpoints, or pick one checkpoint.",
                          elem_id=f"bksdm_{kind}_{field.name}_pick")
     before = gr.State([])
@@ -504,7 +503,7 @@ def _models_picker(context: TabContext, box: gr.Textbox, kind: str, field: Setti
 
     def again(request: gr.Request):
         context.check_read(request)
-        return gr.update(choices=choices(refresh=True))
+        return gr.update(choices=list(context.launch_sources(refresh=True)))
 
     picker.input(picked, inputs=[box, picker, before], outputs=[box, before])
     refresh.click(again, outputs=[picker])
